@@ -1,0 +1,107 @@
+"""Input validation shared by every module.
+
+Each helper raises ``ValueError`` or ``TypeError`` with a message that names the
+argument, what was expected and what arrived, e.g.
+``ValueError("x must have 2 dimensions (N, Din), got shape (3, 4, 5)")``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import scipy.sparse as sp
+
+
+def check_array(name, x, *, ndim=None, axes=None, dtype_kind="f", finite=True):
+    """Validate a NumPy array argument and return it.
+
+    Parameters
+    ----------
+    name : str, the argument's name used in error messages.
+    x : the value to check.
+    ndim : int or None, required number of dimensions.
+    axes : str or None, axis letters for the message, e.g. "(N, Din)".
+    dtype_kind : "f" (floating), "i" (integer), "b" (bool) or None (any).
+    finite : bool, reject NaN and inf (floating arrays only).
+    """
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
+    if ndim is not None and x.ndim != ndim:
+        what = f" {axes}" if axes else ""
+        raise ValueError(f"{name} must have {ndim} dimensions{what}, got shape {x.shape}")
+    if dtype_kind == "f" and x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+    if dtype_kind == "i" and x.dtype.kind not in "iu":
+        raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
+    if dtype_kind == "b" and x.dtype != np.bool_:
+        raise TypeError(f"{name} must have dtype bool, got {x.dtype}")
+    if finite and x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        raise ValueError(f"{name} must be finite, got {bad} NaN or inf value(s)")
+    return x
+
+
+def check_shape(name, x, expected, axes=None):
+    """Require ``x.shape == expected`` (``None`` entries match any size)."""
+    ok = len(x.shape) == len(expected) and all(
+        e is None or e == s for e, s in zip(expected, x.shape)
+    )
+    if not ok:
+        want = tuple("?" if e is None else e for e in expected)
+        what = f" {axes}" if axes else ""
+        raise ValueError(f"{name} must have shape {want}{what}, got {x.shape}")
+    return x
+
+
+def check_same_dtype(name, x, ref_name, ref):
+    """Require ``x.dtype == ref.dtype`` (no silent up- or down-casting)."""
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
+    return x
+
+
+def check_csr(name, w, shape=None):
+    """Require a canonical ``scipy.sparse.csr_array`` (sorted indices, no duplicates)."""
+    if not isinstance(w, sp.csr_array):
+        raise TypeError(f"{name} must be a scipy.sparse.csr_array, got {type(w).__name__}")
+    if shape is not None and w.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {w.shape}")
+    if not w.has_canonical_format:
+        raise ValueError(f"{name} must be in canonical format (sorted indices, no duplicates)")
+    return w
+
+
+def check_int(name, value, low=None, high=None):
+    """Require an integer in ``[low, high]`` (either bound optional)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return int(value)
+
+
+def check_float(name, value, low=None, high=None, low_open=False, high_open=False):
+    """Require a finite real number in the given (half-)open or closed interval."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    bad = not np.isfinite(value)
+    bad |= low is not None and (value <= low if low_open else value < low)
+    bad |= high is not None and (value >= high if high_open else value > high)
+    if bad:
+        lb = "(" if low_open else "["
+        hb = ")" if high_open else "]"
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ValueError(f"{name} must be in {lb}{lo}, {hi}{hb}, got {value}")
+    return value
+
+
+def check_choice(name, value, choices):
+    """Require ``value`` to be one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)!r}, got {value!r}")
+    return value
