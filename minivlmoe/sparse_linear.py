@@ -15,33 +15,42 @@ Backward (derived in docs/ops/sparse_linear.md), for an upstream ``dy`` (N, Dout
 
 The pattern
 -----------
-Every output row stores exactly ``k = max(1, round(density * Din))`` entries in random
-columns, so every output unit has the same fan-in ``k``; values are drawn from
-N(0, 1/k) (LeCun-normal over the *stored* fan-in).  The gradient of ``W`` is a
-``csr_array`` with byte-identical ``indices`` and ``indptr``, and optimizers update
-only ``W.data``, so the pattern can never drift.
+Every output row stores exactly ``k = max(1, round(density * Din))`` entries, so every
+output unit has the same fan-in ``k``; values are drawn from N(0, 1/k) (LeCun-normal
+over the *stored* fan-in).  Output rows come in groups of ``r`` consecutive rows
+(``r = gcd(Dout, group)``, default ``group = 16``) that share one random set of
+columns: a row-block structure like that of block-sparse kernels.  ``group=1`` gives
+an unstructured pattern.  The gradient of ``W`` is a ``csr_array`` with byte-identical
+``indices`` and ``indptr``, and optimizers update only ``W.data``, so the pattern can
+never drift.
 
-Kernels (measured in benchmarks/sparse_linear.py, explained in docs/ops/sparse_linear.md)
-------------------------------------------------------------------------------------------
-scipy's CSR kernels need the dense operand's contraction axis to be rows of a
-C-contiguous array, i.e. *feature-major* activations ``xT`` (Din, N).  Token-major
-``x @ W.T`` makes scipy copy ``x`` into that layout with a naive strided transpose,
-which for wide arrays costs more than the product, so this layer does the layout
-change itself with a cache-blocked transpose (:func:`feature_major`) and then
-computes ``yT = W @ xT`` and ``dxT = W^T @ dyT``.  The layer returns ``y = yT.T`` (a
-transposed view), so a following sparse layer, or the backward of the preceding one,
-gets a feature-major array for free.
+Kernels (measured by benchmarks/sparse_linear.py; docs/ops/sparse_linear.md explains)
+----------------------------------------------------------------------------------
+* stored density >= ``DENSE_ABOVE`` (0.075): ``W`` is expanded with ``toarray()`` and
+  dense BLAS does all three products on token-major activations; the weight gradient
+  is the dense ``dy^T x`` gathered at the pattern.  (CSR kernels lose to BLAS above
+  roughly 5-10% density.)
+* below it, activations are made *feature-major* (``xT`` (Din, N), C-contiguous):
+  scipy's CSR kernels need the contraction axis as rows of a C-contiguous array, and
+  when handed a token-major ``x`` they copy it with a naive strided transpose that costs
+  more than the product.  :func:`feature_major` does that copy cache-blocked instead
+  (or not at all when the array already is a transposed view — the layer returns
+  ``y = yT.T``, so chained sparse layers pass feature-major arrays for free).
 
-* stored density < ``DENSE_ABOVE`` (0.1): sparse products for ``y`` and ``dx``;
-  otherwise ``W`` is expanded with ``toarray()`` and dense BLAS does the work (CSR
-  kernels lose to BLAS above roughly 5-10% density).
-* weight gradient, density < ``GATHER_BELOW`` (0.02): gather the stored columns of
-  ``xT`` and the matching rows of ``dyT`` and reduce over tokens, O(nnz·N); otherwise
-  the dense ``dyT @ xT^T`` (one BLAS GEMM) followed by a gather at the pattern.
+  - grouped pattern (``r > 1``): each row group is a small dense block
+    ``W_g`` (r, k) on columns ``cols_g``, so ``yT_g = W_g @ xT[cols_g]`` and
+    ``dW_g = dyT_g @ xT[cols_g]^T`` are batched matmuls over the G = Dout/r groups
+    after one gather of ``xT`` rows (G·k·N values, r times fewer than one per stored
+    entry); for k < 4 the forward uses the CSR kernel instead (NumPy's batched matmul
+    is slow for such thin blocks); ``dxT = W^T @ dyT`` is scipy's CSC kernel.
+  - ungrouped pattern: ``yT = W @ xT`` (CSR), ``dxT = W^T @ dyT`` (CSC), and the weight
+    gradient by a per-entry gather (density < ``GATHER_BELOW``) or the dense GEMM
+    followed by a gather at the pattern.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -49,12 +58,13 @@ import scipy.sparse as sp
 
 from ._checks import check_array, check_csr, check_float, check_int, check_same_dtype
 
-DENSE_ABOVE = 0.1
+DENSE_ABOVE = 0.075
 GATHER_BELOW = 0.02
 _TILE = 64  # tokens per tile of the blocked transpose
+_MIN_BLOCK_K = 4  # grouped forward uses batched matmul only for blocks this wide
 
 
-def init(rng, d_in, d_out, density=1.0, dtype=np.float32):
+def init(rng, d_in, d_out, density=1.0, dtype=np.float32, group=16):
     """Create ``{"W": csr_array (Dout, Din), "b": zeros (Dout,)}``.
 
     Parameters
@@ -63,18 +73,23 @@ def init(rng, d_in, d_out, density=1.0, dtype=np.float32):
     d_in, d_out : int >= 1, input and output widths.
     density : float in (0, 1], fraction of stored entries per row.
     dtype : numpy.float32 or numpy.float64.
+    group : int >= 1; consecutive output rows in groups of ``gcd(d_out, group)`` share
+        their column set (1 = unstructured).
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     d_in = check_int("d_in", d_in, 1)
     d_out = check_int("d_out", d_out, 1)
     density = check_float("density", density, 0.0, 1.0, low_open=True)
+    group = check_int("group", group, 1)
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
     k = max(1, int(round(density * d_in)))                       # stored entries per row
-    scores = rng.random((d_out, d_in))                           # (Dout, Din)
-    cols = np.sort(np.argsort(scores, axis=1)[:, :k], axis=1)    # (Dout, k) distinct, sorted
+    r = math.gcd(d_out, group)                                   # rows per group
+    scores = rng.random((d_out // r, d_in))                      # (G, Din)
+    cols = np.sort(np.argsort(scores, axis=1)[:, :k], axis=1)    # (G, k) distinct, sorted
+    cols = np.repeat(cols, r, axis=0)                            # (Dout, k) shared per group
     values = rng.standard_normal(d_out * k) / np.sqrt(k)         # (Dout*k,)
     indptr = np.arange(0, d_out * k + 1, k, dtype=np.int32)      # (Dout+1,)
     W = sp.csr_array((values.astype(dtype), cols.reshape(-1).astype(np.int32), indptr),
@@ -105,14 +120,38 @@ def stored_density(W):
     return W.nnz / max(1, W.shape[0] * W.shape[1])
 
 
-class Cache(NamedTuple):
-    """What backward needs: ``xT`` (Din, N) feature-major input, the weight ``W``
-    (Dout, Din), the dense copy ``Wd`` (or None on the sparse path) and the input's
-    leading shape (to restore ``dx``'s shape)."""
+def row_groups(W):
+    """``(r, k)`` if every row stores k entries and consecutive groups of r > 1 rows
+    share their columns (the pattern :func:`init` makes); otherwise None.  O(nnz)."""
+    d_out = W.shape[0]
+    counts = np.diff(W.indptr)                                   # (Dout,)
+    k = int(counts[0]) if d_out else 0
+    if k == 0 or np.any(counts != k):
+        return None
+    idx = W.indices.reshape(d_out, k)                            # (Dout, k)
+    differs = np.any(idx[1:] != idx[0], axis=1)                  # (Dout-1,)
+    r = int(np.argmax(differs)) + 1 if differs.any() else d_out
+    if r == 1 or d_out % r:
+        return None
+    blocks = idx.reshape(d_out // r, r, k)                       # (G, r, k)
+    if np.any(blocks != blocks[:, :1]):
+        return None
+    return r, k
 
-    xT: np.ndarray
+
+class Cache(NamedTuple):
+    """What backward needs.
+
+    saved : the input, as ``x2`` (N, Din) on the dense path, ``xg`` (G, k, N) gathered
+        feature-major rows on the grouped path, or ``xT`` (Din, N) otherwise.
+    W : the weight (Dout, Din).   Wd : its dense copy (dense path) or None.
+    groups : ``(r, k)`` on the grouped path, else None.   lead : the input's leading shape.
+    """
+
+    saved: np.ndarray
     W: sp.csr_array
     Wd: np.ndarray | None
+    groups: tuple | None
     lead: tuple
 
 
@@ -142,16 +181,29 @@ def forward(x, params):
     check_same_dtype("params['b']", b, "params['W']", W)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_in)                                     # (N, Din)  '... i -> (...) i'
-    xT = feature_major(x2)                                       # (Din, N)
-    if stored_density(W) < DENSE_ABOVE:
-        Wd = None
-        yT = W @ xT                                              # (Dout, N) CSR kernel
-    else:
+    Wd, groups = None, None
+    if stored_density(W) >= DENSE_ABOVE:
         Wd = W.toarray()                                         # (Dout, Din)
-        yT = Wd @ xT                                             # (Dout, N) BLAS
-    yT += b[:, None]                                             # (Dout, N)
-    y = yT.T.reshape(*lead, d_out)                               # (..., Dout) view
-    return y, Cache(xT, W, Wd, lead)
+        y = x2 @ Wd.T + b                                        # (N, Dout) BLAS, any layout
+        saved = x2
+    else:
+        xT = feature_major(x2)                                   # (Din, N)
+        groups = row_groups(W)
+        if groups is not None:
+            r, k = groups
+            cols = W.indices.reshape(-1, r, k)[:, 0]             # (G, k) each group's columns
+            saved = xT[cols]                                     # (G, k, N) gather
+            if k >= _MIN_BLOCK_K:
+                Wg = W.data.reshape(-1, r, k)                    # (G, r, k) dense blocks
+                yT = np.matmul(Wg, saved).reshape(d_out, -1)     # (G, r, N) -> (Dout, N)
+            else:  # batched matmul with k < 4 is slower than the CSR kernel
+                yT = W @ xT                                      # (Dout, N) CSR kernel
+        else:
+            saved = xT
+            yT = W @ xT                                          # (Dout, N) CSR kernel
+        yT += b[:, None]                                         # (Dout, N)
+        y = yT.T                                                 # (N, Dout) view
+    return y.reshape(*lead, d_out), Cache(saved, W, Wd, groups, lead)   # (..., Dout)
 
 
 def backward(dy, cache):
@@ -167,26 +219,39 @@ def backward(dy, cache):
     dx : (..., Din)
     dparams : {"W": csr_array with W's pattern, "b": (Dout,)}
     """
-    xT, W, Wd, lead = cache
+    saved, W, Wd, groups, lead = cache
     d_out, d_in = W.shape
     dy2 = np.asarray(dy).reshape(-1, d_out)                      # (N, Dout)
-    dyT = feature_major(dy2)                                     # (Dout, N)
-    # y = W x + b  (feature-major)  ->  dx = W^T dy
-    if Wd is None:
+    if Wd is not None:
+        x2 = saved                                               # (N, Din)
+        # y = x Wd^T + b  ->  dx = dy Wd,  dWd = dy^T x,  db = sum_n dy
+        dx = dy2 @ Wd                                            # (N, Din) BLAS
+        db = dy2.sum(axis=0)                                     # (Dout,)
+        rows = np.repeat(np.arange(d_out), np.diff(W.indptr))    # (nnz,) row of each entry
+        dW_data = (dy2.T @ x2)[rows, W.indices]                  # (Dout, Din) -> (nnz,)
+    else:
+        dyT = feature_major(dy2)                                 # (Dout, N)
+        # yT = W xT + b  ->  dxT = W^T dyT,  db = sum_n dyT
         dxT = W.T @ dyT                                          # (Din, N) CSC kernel
-    else:
-        dxT = Wd.T @ dyT                                         # (Din, N) BLAS
-    dx = dxT.T.reshape(*lead, d_in)                              # (..., Din) view
-    # dW[o, i] = sum_n dy[n, o] x[n, i] on the stored (o, i) only
-    rows = np.repeat(np.arange(d_out), np.diff(W.indptr))        # (nnz,) row of each entry
-    if stored_density(W) < GATHER_BELOW:
-        dW_data = np.einsum("zn,zn->z", xT[W.indices], dyT[rows])  # (nnz,)
-    else:
-        dW_data = (dyT @ xT.T)[rows, W.indices]                  # (Dout, Din) -> (nnz,)
+        dx = dxT.T                                               # (N, Din) view
+        db = dyT.sum(axis=1)                                     # (Dout,)
+        if groups is not None:
+            r, k = groups
+            xg = saved                                           # (G, k, N)
+            dyg = dyT.reshape(-1, r, dyT.shape[1])               # (G, r, N)
+            # yT_g = W_g xg  ->  dW_g = dyT_g xg^T
+            dW_data = np.matmul(dyg, xg.transpose(0, 2, 1)).reshape(-1)  # (G, r, k) -> (nnz,)
+        else:
+            xT = saved                                           # (Din, N)
+            rows = np.repeat(np.arange(d_out), np.diff(W.indptr))  # (nnz,)
+            if stored_density(W) < GATHER_BELOW:
+                dW_data = np.einsum("zn,zn->z", xT[W.indices], dyT[rows])  # (nnz,)
+            else:
+                dW_data = (dyT @ xT.T)[rows, W.indices]          # (Dout, Din) -> (nnz,)
+    dx = dx.reshape(*lead, d_in)                                 # (..., Din)
     dW = sp.csr_array((dW_data.astype(W.dtype, copy=False), W.indices, W.indptr),
                       shape=W.shape)
     dW.has_canonical_format = True
-    db = dyT.sum(axis=1)                                         # (Dout,)
     return dx, {"W": dW, "b": db}
 
 
@@ -195,12 +260,16 @@ def gradcheck_cases(rng):
     from .gradcheck import GradcheckCase
 
     cases = []
-    for density, d_in, d_out in ((1.0, 5, 4), (0.3, 40, 6), (0.01, 120, 3)):
-        params = init(rng, d_in, d_out, density, dtype=np.float64)
+    for name, density, d_in, d_out, group in (("dense path", 1.0, 5, 4, 16),
+                                              ("dense path", 0.3, 40, 6, 16),
+                                              ("grouped", 0.05, 60, 8, 4),
+                                              ("per-entry gather", 0.01, 120, 3, 1),
+                                              ("CSR + GEMM", 0.05, 60, 5, 1)):
+        params = init(rng, d_in, d_out, density, dtype=np.float64, group=group)
         params["b"] = rng.standard_normal(d_out)
         x = rng.standard_normal((2, 3, d_in))
         cases.append(GradcheckCase(
-            f"sparse_linear(density={density})",
+            f"sparse_linear({name}, density={density})",
             {"x": x, "params": params},
             lambda a: forward(a["x"], a["params"]),
             lambda dout, cache: dict(zip(("x", "params"), backward(dout, cache))),

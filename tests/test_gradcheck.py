@@ -1,0 +1,74 @@
+"""The gradient checker must catch wrong gradients, not only pass right ones."""
+
+import numpy as np
+import pytest
+
+from minivlmoe import gelu, sparse_linear
+from minivlmoe.gradcheck import GradcheckCase, assert_gradients, check_case, rel_errors
+
+
+def linear_case(backward):
+    rng = np.random.default_rng(0)
+    params = sparse_linear.init(rng, 6, 4, 0.5, dtype=np.float64)
+    x = rng.standard_normal((5, 6))
+    return GradcheckCase("linear", {"x": x, "params": params},
+                         lambda a: sparse_linear.forward(a["x"], a["params"]), backward)
+
+
+def test_correct_backward_passes():
+    rows = assert_gradients(linear_case(
+        lambda d, c: dict(zip(("x", "params"), sparse_linear.backward(d, c)))),
+        np.random.default_rng(1))
+    assert [r.argument for r in rows] == ["x", "params.W", "params.b"]
+    assert all(r.max_rel_error < 1e-7 for r in rows)
+
+
+def test_missing_bias_term_is_caught_and_named():
+    def wrong(d, c):
+        dx, g = sparse_linear.backward(d, c)
+        return {"x": dx, "params": {"W": g["W"], "b": 0.9 * g["b"]}}
+    with pytest.raises(AssertionError, match=r"op 'linear', argument 'params.b' at index \(\d+,\)"):
+        assert_gradients(linear_case(wrong), np.random.default_rng(1))
+
+
+def test_small_error_in_one_sparse_entry_is_caught():
+    def wrong(d, c):
+        dx, g = sparse_linear.backward(d, c)
+        g["W"].data[3] += 1e-4 * (1 + abs(g["W"].data[3]))
+        return {"x": dx, "params": g}
+    with pytest.raises(AssertionError, match="params.W"):
+        assert_gradients(linear_case(wrong), np.random.default_rng(1))
+
+
+def test_wrong_pattern_is_refused():
+    def wrong(d, c):
+        dx, g = sparse_linear.backward(d, c)
+        return {"x": dx, "params": {"W": g["W"].tocsc().tocsr()[:, ::-1].tocsr(), "b": g["b"]}}
+    with pytest.raises(AssertionError, match="sparsity pattern"):
+        assert_gradients(linear_case(wrong), np.random.default_rng(1))
+
+
+def test_backward_writing_into_dout_is_caught():
+    def mutating(d, c):
+        d *= 2.0
+        return {"x": gelu.backward(d, c)}
+    case = GradcheckCase("gelu", {"x": np.ones((2, 3))}, lambda a: gelu.forward(a["x"]), mutating)
+    with pytest.raises(ValueError, match="read-only"):
+        check_case(case, np.random.default_rng(0))
+
+
+def test_large_inputs_use_sampled_entries_and_directions():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((40, 30))  # 1200 entries > max_full
+    case = GradcheckCase("gelu", {"x": x}, lambda a: gelu.forward(a["x"]),
+                         lambda d, c: {"x": gelu.backward(d, c)})
+    (row,) = check_case(case, rng, max_full=256, n_sample=20, n_directions=5)
+    assert row.checked == 25 and row.passed
+
+
+def test_rel_error_floor_is_relative_to_largest_entry():
+    a = np.array([1.0, 1e-9])
+    n = np.array([1.0, 2e-9])  # tiny entry off by 100% but 1e-9 of the scale: round-off level
+    assert rel_errors(a, n).max() < 1e-6
+    n = np.array([1.0, 1e-9 + 1e-4])
+    assert rel_errors(a, n).max() > 1e-3

@@ -1,0 +1,160 @@
+"""Sparse linear layer: gradients, the naive definition, the fixed pattern, bad input."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minivlmoe import sparse_linear
+from minivlmoe.gradcheck import GradcheckCase, assert_gradients
+
+DENSITIES = st.sampled_from([0.01, 0.05, 0.2, 0.5, 1.0])
+GROUPS = st.sampled_from([1, 2, 4, 16])
+
+
+def make(seed, d_in, d_out, density, lead, dtype=np.float64, group=16):
+    rng = np.random.default_rng(seed)
+    params = sparse_linear.init(rng, d_in, d_out, density, dtype=dtype, group=group)
+    params["b"] = rng.standard_normal(d_out).astype(dtype)
+    x = rng.standard_normal((*lead, d_in)).astype(dtype)
+    return rng, params, x
+
+
+def naive_forward(x, W, b):
+    """y[n, o] = sum over stored (o, i) of W[o, i] x[n, i] + b[o], one stored entry at a time."""
+    x2 = x.reshape(-1, W.shape[1])
+    y = np.tile(b, (x2.shape[0], 1)).astype(np.float64)
+    coo = W.tocoo()
+    for o, i, w in zip(coo.row, coo.col, coo.data):
+        for n in range(x2.shape[0]):
+            y[n, o] += w * x2[n, i]
+    return y.reshape(*x.shape[:-1], W.shape[0])
+
+
+def naive_weight_grad(x, dy, W):
+    x2, dy2 = x.reshape(-1, W.shape[1]), dy.reshape(-1, W.shape[0])
+    coo = W.tocoo()
+    return np.array([sum(dy2[n, o] * x2[n, i] for n in range(x2.shape[0]))
+                     for o, i in zip(coo.row, coo.col)])
+
+
+@given(seed=st.integers(0, 2**32 - 1), d_in=st.integers(1, 70), d_out=st.integers(1, 9),
+       density=DENSITIES, lead=st.sampled_from([(3,), (2, 3), (1,)]), group=GROUPS)
+def test_gradients(seed, d_in, d_out, density, lead, group):
+    rng, params, x = make(seed, d_in, d_out, density, lead, group=group)
+    case = GradcheckCase("sparse_linear", {"x": x, "params": params},
+                         lambda a: sparse_linear.forward(a["x"], a["params"]),
+                         lambda dout, c: dict(zip(("x", "params"),
+                                                  sparse_linear.backward(dout, c))))
+    assert_gradients(case, rng)
+
+
+@given(seed=st.integers(0, 2**32 - 1), d_in=st.integers(1, 60), d_out=st.integers(1, 8),
+       density=DENSITIES, n=st.integers(1, 6), group=GROUPS)
+def test_forward_and_weight_grad_match_naive_definition(seed, d_in, d_out, density, n, group):
+    rng, params, x = make(seed, d_in, d_out, density, (n,), group=group)
+    y, cache = sparse_linear.forward(x, params)
+    np.testing.assert_allclose(y, naive_forward(x, params["W"], params["b"]), rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    dx, grads = sparse_linear.backward(dy, cache)
+    np.testing.assert_allclose(grads["W"].data, naive_weight_grad(x, dy, params["W"]),
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, dy @ params["W"].toarray(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grads["b"], dy.sum(0), rtol=1e-12, atol=1e-12)
+
+
+@given(seed=st.integers(0, 2**32 - 1), d_in=st.integers(1, 80), d_out=st.integers(1, 30),
+       density=st.floats(1e-3, 1.0), group=GROUPS)
+def test_pattern_is_fixed_and_gradient_has_it_exactly(seed, d_in, d_out, density, group):
+    rng, params, x = make(seed, d_in, d_out, density, (4,), group=group)
+    W = params["W"]
+    k = max(1, round(density * d_in))
+    assert np.all(np.diff(W.indptr) == k), "every output row stores the same fan-in k"
+    r = np.gcd(d_out, group)
+    idx = W.indices.reshape(d_out // r, r, k)
+    assert np.all(idx == idx[:, :1]), "rows of one group share their columns"
+    assert W.has_canonical_format
+    for o in range(d_out):
+        cols = W.indices[W.indptr[o]:W.indptr[o + 1]]
+        assert np.all(np.diff(cols) > 0), "sorted, distinct columns"
+    y, cache = sparse_linear.forward(x, params)
+    _, grads = sparse_linear.backward(np.ones_like(y), cache)
+    dW = grads["W"]
+    assert isinstance(dW, sp.csr_array)
+    assert dW.indices.tobytes() == W.indices.tobytes()
+    assert dW.indptr.tobytes() == W.indptr.tobytes()
+
+
+@pytest.mark.parametrize("density,group,d_out", [(0.01, 1, 33), (0.05, 1, 33), (0.05, 16, 32),
+                                                 (0.01, 4, 36), (0.5, 16, 32), (1.0, 1, 33)])
+def test_every_kernel_path_agrees_with_dense(density, group, d_out):
+    rng, params, x = make(7, 128, d_out, density, (40,), group=group)
+    Wd = params["W"].toarray()
+    y, cache = sparse_linear.forward(x, params)
+    np.testing.assert_allclose(y, x @ Wd.T + params["b"], rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    dx, grads = sparse_linear.backward(dy, cache)
+    np.testing.assert_allclose(dx, dy @ Wd, rtol=1e-12, atol=1e-12)
+    full = dy.T @ x
+    coo = params["W"].tocoo()
+    np.testing.assert_allclose(grads["W"].tocoo().data, full[coo.row, coo.col], rtol=1e-12, atol=1e-12)
+
+
+def test_init_scale_uses_stored_fan_in():
+    params = sparse_linear.init(np.random.default_rng(0), 400, 300, 0.1, dtype=np.float64)
+    k = 40
+    assert abs(params["W"].data.std() * np.sqrt(k) - 1.0) < 0.03
+
+
+def test_feature_major_matches_transpose_for_every_layout():
+    a = np.random.default_rng(1).standard_normal((200, 7))
+    for arr in (a, np.asfortranarray(a), a[::2], a.T.copy().T):
+        out = sparse_linear.feature_major(arr)
+        assert out.flags.c_contiguous
+        np.testing.assert_array_equal(out, arr.T)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dtype_preserved_and_inputs_untouched(dtype):
+    rng, params, x = make(3, 16, 5, 0.5, (2, 6), dtype=dtype)
+    x.flags.writeable = False
+    y, cache = sparse_linear.forward(x, params)
+    assert y.dtype == dtype and y.shape == (2, 6, 5)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dy.flags.writeable = False
+    dx, grads = sparse_linear.backward(dy, cache)
+    assert dx.dtype == dtype and grads["W"].dtype == dtype and grads["b"].dtype == dtype
+    assert dx.shape == x.shape
+
+
+def test_bad_input():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"density must be in \(0\.0, 1\.0\], got 0\.0"):
+        sparse_linear.init(rng, 4, 4, 0.0)
+    with pytest.raises(ValueError, match=r"density must be in \(0\.0, 1\.0\], got 1\.5"):
+        sparse_linear.init(rng, 4, 4, 1.5)
+    with pytest.raises(ValueError, match="d_in must be in"):
+        sparse_linear.init(rng, 0, 4)
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+        sparse_linear.init(0, 4, 4)
+    params = sparse_linear.init(rng, 4, 3, dtype=np.float64)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., Din=4\), got \(2, 5\)"):
+        sparse_linear.forward(np.zeros((2, 5)), params)
+    with pytest.raises(ValueError, match="x must be finite"):
+        sparse_linear.forward(np.array([[np.nan, 0, 0, 0]]), params)
+    with pytest.raises(TypeError, match="x must have the dtype of params"):
+        sparse_linear.forward(np.zeros((2, 4), np.float32), params)
+    with pytest.raises(TypeError, match=r"params\['W'\] must be a scipy.sparse.csr_array"):
+        sparse_linear.forward(np.zeros((2, 4)), {"W": np.zeros((3, 4)), "b": np.zeros(3)})
+
+
+def test_row_groups_detects_only_true_groups():
+    rng = np.random.default_rng(0)
+    W = sparse_linear.init(rng, 50, 32, 0.1, group=8)["W"]
+    assert sparse_linear.row_groups(W) == (8, 5)
+    assert sparse_linear.row_groups(sparse_linear.init(rng, 50, 32, 0.1, group=1)["W"]) is None
+    W2 = W.copy()
+    W2.indices[5 * 3] = (W2.indices[5 * 3] + 1) % 50 if W2.indices[5 * 3] + 1 not in W2.indices[15:20] else W2.indices[5 * 3]
+    ragged = sp.csr_array(np.triu(np.ones((4, 4))))
+    assert sparse_linear.row_groups(ragged) is None
