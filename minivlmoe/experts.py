@@ -1,0 +1,127 @@
+"""A pool of E experts, each a two-layer FFN with its own sparse weights.
+
+The experts run on the compact slot layout of minivlmoe/dispatch.py: the M filled
+slots are sorted by expert, so expert e's inputs are the contiguous rows
+``xs[offsets[e]:offsets[e+1]]``.  One loop runs over the experts (never over
+tokens)::
+
+    Ys[offsets[e]:offsets[e+1]] = FFN_e(Xs[offsets[e]:offsets[e+1]])
+
+Backward runs the same loop with ``ffn.backward``.  Each expert's weight gradient is
+one matrix product over the tokens it received, written straight into the weight's
+sparsity pattern; nothing is accumulated into a dense zero array.  An expert that
+received no token is skipped in both passes, and only its gradient is an explicit
+zero (the gradient must have the params' structure).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
+
+from . import ffn
+from ._checks import check_array
+
+
+def expert_names(num_experts):
+    """The param keys ``"e0", "e1", ...`` in expert order."""
+    return [f"e{i}" for i in range(num_experts)]
+
+
+def init(rng, d, hidden, num_experts, density=1.0, dtype=np.float32):
+    """``{"e0": ffn params, ..., "e{E-1}": ffn params}``, each with its own pattern."""
+    return {name: ffn.init(rng, d, hidden, density, dtype) for name in expert_names(num_experts)}
+
+
+def zeros_like_params(params):
+    """A gradient of zeros with the structure (and sparsity patterns) of ``params``."""
+    if isinstance(params, dict):
+        return {key: zeros_like_params(value) for key, value in params.items()}
+    if isinstance(params, sp.csr_array):
+        z = sp.csr_array((np.zeros_like(params.data), params.indices, params.indptr),
+                         shape=params.shape)
+        z.has_canonical_format = True
+        return z
+    return np.zeros_like(params)
+
+
+class Cache(NamedTuple):
+    """``ffn`` : list of E ffn caches (None for an expert with no token);
+    ``offsets`` (E+1,) the slot blocks; ``params``: the expert params (for the
+    zero gradients of idle experts); ``shape``: (M, D) of the inputs."""
+
+    ffn: list
+    offsets: np.ndarray
+    params: dict
+    shape: tuple
+
+
+def forward(xs, offsets, params):
+    """Run each expert on its block of slots.
+
+    Parameters
+    ----------
+    xs : (M, D) float array, slot inputs sorted by expert (dispatch.dispatch_forward).
+    offsets : (E+1,) int, expert e owns rows ``offsets[e]:offsets[e+1]``.
+    params : {"e0": ffn params, ...} with E entries.
+
+    Returns
+    -------
+    ys : (M, D), C-contiguous, dtype of ``xs``.
+    cache : Cache
+    """
+    check_array("xs", xs, ndim=2, axes="(M, D)")
+    names = expert_names(len(offsets) - 1)
+    if sorted(params) != sorted(names):
+        raise ValueError(f"params must have the keys {names}, got {sorted(params)}")
+    if offsets[-1] != xs.shape[0]:
+        raise ValueError(f"offsets[-1] must equal the rows of xs ({xs.shape[0]}), "
+                         f"got {offsets[-1]}")
+    ys = np.empty_like(xs, order="C")                            # (M, D)
+    caches = []
+    for e, name in enumerate(names):                             # loop over experts only
+        lo, hi = int(offsets[e]), int(offsets[e + 1])
+        if hi == lo:
+            caches.append(None)
+            continue
+        ys[lo:hi], cache = ffn.forward(xs[lo:hi], params[name])  # (M_e, D)
+        caches.append(cache)
+    return ys, Cache(caches, offsets, params, xs.shape)
+
+
+def backward(dys, cache):
+    """Gradients of :func:`forward`.
+
+    Returns
+    -------
+    dxs : (M, D)
+    dparams : {"e0": ffn grads, ...}, keyed like the params.
+    """
+    caches, offsets, params, shape = cache
+    dxs = np.empty(shape, dtype=dys.dtype)                       # (M, D)
+    dparams = {}
+    for e, name in enumerate(expert_names(len(offsets) - 1)):
+        lo, hi = int(offsets[e]), int(offsets[e + 1])
+        if caches[e] is None:                                    # no token: zero gradient
+            dparams[name] = zeros_like_params(params[name])
+            continue
+        dxs[lo:hi], dparams[name] = ffn.backward(dys[lo:hi], caches[e])  # (M_e, D)
+    return dxs, dparams
+
+
+def gradcheck_cases(rng):
+    """A float64 pool of 3 experts, one of them idle (its gradient must be zero)."""
+    from .gradcheck import GradcheckCase
+
+    params = init(rng, 4, 5, 3, dtype=np.float64)
+    for p in params.values():
+        p["fc1"]["b"] = rng.standard_normal(5)
+        p["fc2"]["b"] = rng.standard_normal(4)
+    offsets = np.array([0, 3, 3, 7])
+    return [GradcheckCase("experts(E=3, one idle)",
+                          {"xs": rng.standard_normal((7, 4)), "params": params},
+                          lambda a: forward(a["xs"], offsets, a["params"]),
+                          lambda dout, cache: dict(zip(("xs", "params"),
+                                                       backward(dout, cache))))]

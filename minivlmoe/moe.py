@@ -1,0 +1,490 @@
+"""The sparse Mixture-of-Experts layer: router -> capacity -> dispatch -> experts -> combine.
+
+Math
+----
+For tokens ``x`` (N, D) and one pool of E experts (docs/moe/moe_layer.md)::
+
+    routing     = router.forward(x)                 logits, p (N, E); top, g (N, K)
+    plan        = capacity + priority -> slots      kept (N, K), M filled slots
+    Xs          = Disp^T x                          (M, D)   dispatch
+    Ys[block e] = FFN_e(Xs[block e])                (M, D)   experts
+    y           = Comb Ys                           (N, D)   combine, Comb = Disp diag(g)
+
+so that ``y[n] = sum_{j kept} g[n, j] FFN_{top[n, j]}(x[n])``.  ``y`` holds only the
+expert mixture: the model adds the residual, which is what carries a token whose
+assignments were all dropped (its ``y`` row is exactly 0).
+
+Auxiliary losses (minivlmoe/aux_losses.py) are computed from the same ``p`` and
+logits the router decided with, per pool, and summed over pools; LIMoE's entropy
+losses are computed per modality group inside each pool and summed over the groups.
+``aux_total = sum_name aux_weights[name] * losses[name]``.
+
+Backward: the gradient of ``sum(y * dy) + daux_total * aux_total``.  ``x`` feeds two
+branches (the router and the dispatch), so ``dx`` is the sum of both::
+
+    dYs, dg   = combine.backward(dy)          dg = 0 for dropped assignments
+    dXs, dθ_e = experts.backward(dYs)         experts that got no token: dθ_e = 0
+    dx        = Disp dXs                       dispatch backward
+    dp, dlog  = sum of the weighted aux-loss backwards
+    dx       += router.backward(dg, dp, dlog)  through the gates, the renormalizer,
+                                               the softmax and the router weights
+
+Modality-aware routing
+----------------------
+``mode="shared"`` (LIMoE): one pool; the per-token ``modality`` (0 image, 1 text) is
+optional and only splits the statistics and the entropy losses.
+``mode="modality"`` (VL-MoE): two pools, ``params["image"]`` and ``params["text"]``,
+each with its own router and E experts (VL-MoE's V-MoE and T-MoE experts); image
+tokens go only to the image pool, text tokens only to the text pool, and each pool
+computes its own capacity from its own token count.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import Mapping, NamedTuple
+
+import numpy as np
+
+from . import aux_losses, dispatch, experts, router
+from ._checks import check_array, check_choice, check_float, check_int, check_same_dtype
+
+MODALITIES = ("image", "text")  # modality id 0 and 1
+DEFAULT_AUX_WEIGHTS = {"load_balance": 0.01, "importance": 0.0, "z_loss": 0.001,
+                       "entropy_local": 0.0, "entropy_global": 0.0}
+
+
+def _default_aux_weights():
+    return dict(DEFAULT_AUX_WEIGHTS)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Hyperparameters of one MoE layer (validated on construction).
+
+    Fields
+    ------
+    num_experts : int >= 1, E experts per pool.
+    k : int in [1, E], experts per token (top-k).
+    capacity_factor : float > 0, or None for dropless routing; X = ceil(cf K N / E).
+    renormalize : bool, gates renormalized over the K chosen experts (GShard, Mixtral)
+        or raw softmax probabilities (Switch, V-MoE).
+    bpr : bool, Batch Priority Routing (V-MoE): tokens with a larger top-1 probability
+        claim slots first; otherwise token order.
+    noise_std : float >= 0, std of Gaussian noise added to the logits when
+        ``train=True`` (V-MoE uses 1/E); never applied at evaluation.
+    mode : "shared" (one pool, LIMoE) or "modality" (image and text pools, VL-MoE).
+    min_experts : int >= 1, the global entropy threshold is tau = log(min(min_experts, E))
+        (log E is the largest entropy E experts can have).
+    aux_weights : mapping from names in ``aux_losses.AUX_LOSSES`` to weights >= 0;
+        names left out get weight 0.  Stored as a read-only mapping over all names.
+    """
+
+    num_experts: int
+    k: int = 2
+    capacity_factor: float | None = 1.25
+    renormalize: bool = True
+    bpr: bool = False
+    noise_std: float = 0.0
+    mode: str = "shared"
+    min_experts: int = 2
+    aux_weights: Mapping[str, float] = field(default_factory=_default_aux_weights)
+
+    def __post_init__(self):
+        check_int("num_experts", self.num_experts, 1)
+        router.check_k(self.k, self.num_experts)
+        if self.capacity_factor is not None:
+            check_float("capacity_factor", self.capacity_factor, 0.0, low_open=True)
+        for name in ("renormalize", "bpr"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        check_float("noise_std", self.noise_std, 0.0)
+        check_choice("mode", self.mode, {"shared", "modality"})
+        check_int("min_experts", self.min_experts, 1)
+        if not isinstance(self.aux_weights, Mapping):
+            raise TypeError(f"aux_weights must be a mapping name -> float, "
+                            f"got {type(self.aux_weights).__name__}")
+        unknown = sorted(set(self.aux_weights) - set(aux_losses.AUX_LOSSES))
+        if unknown:
+            raise ValueError(f"aux_weights must have keys in {aux_losses.AUX_LOSSES}, "
+                             f"got unknown {unknown}")
+        weights = {name: check_float(f"aux_weights[{name!r}]",
+                                     self.aux_weights.get(name, 0.0), 0.0)
+                   for name in aux_losses.AUX_LOSSES}
+        object.__setattr__(self, "aux_weights", types.MappingProxyType(weights))
+
+    @property
+    def tau(self):
+        """The global entropy threshold log(min(min_experts, E))."""
+        return aux_losses.global_threshold(min(self.min_experts, self.num_experts),
+                                           self.num_experts)
+
+
+def _pool_init(rng, d, hidden, config, density, dtype):
+    return {"router": router.init(rng, d, config.num_experts, density, dtype),
+            "experts": experts.init(rng, d, hidden, config.num_experts, density, dtype)}
+
+
+def init(rng, d, hidden, config, density=1.0, dtype=np.float32):
+    """Parameters of one MoE layer.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+    d, hidden : int, model width D and expert hidden width F.
+    config : MoEConfig
+    density : float in (0, 1], stored fraction of every weight row (router and experts).
+    dtype : numpy.float32 or numpy.float64.
+
+    Returns
+    -------
+    params : shared mode ``{"router": {"W": (E, D), "b": (E,)}, "experts": {"e0": ffn
+        params, ...}}``; modality mode ``{"image": <a pool>, "text": <a pool>}``.
+    """
+    if not isinstance(config, MoEConfig):
+        raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+    if config.mode == "shared":
+        return _pool_init(rng, d, hidden, config, density, dtype)
+    return {name: _pool_init(rng, d, hidden, config, density, dtype) for name in MODALITIES}
+
+
+class PoolStats(NamedTuple):
+    """Routing statistics of one pool.
+
+    Fields
+    ------
+    capacity : int, X slots per expert.
+    routed : (E,) int, assignments per expert before capacity.
+    load : (E,) int, tokens each expert processed (after capacity).
+    dropped_fraction : float, dropped assignments / all N*K assignments of the pool.
+    usage : (2, E) int or None, processed assignments per (modality, expert), row 0
+        image, row 1 text; None when no modality array was given.
+    """
+
+    capacity: int
+    routed: np.ndarray
+    load: np.ndarray
+    dropped_fraction: float
+    usage: np.ndarray | None
+
+
+class Aux(NamedTuple):
+    """Side outputs of :func:`forward`.
+
+    Fields
+    ------
+    losses : dict name -> float over ``aux_losses.AUX_LOSSES`` (summed over pools,
+        and over modality groups for the entropy losses).
+    aux_total : float, ``sum_name config.aux_weights[name] * losses[name]``.
+    stats : dict pool name ("shared", or "image" and "text") -> PoolStats.
+    dropped_fraction : float, dropped assignments / all N*K assignments of the layer.
+    """
+
+    losses: dict
+    aux_total: float
+    stats: dict
+    dropped_fraction: float
+
+
+class PoolCache(NamedTuple):
+    """Caches of one pool's stages: ``router``, ``dispatch``, ``experts``, ``combine``;
+    ``aux``: dict name -> list of (token index or None, loss cache), one entry per
+    modality group for the entropy losses."""
+
+    router: router.Cache
+    dispatch: dispatch.DispatchCache
+    experts: experts.Cache
+    combine: dispatch.CombineCache
+    aux: dict
+
+
+class Cache(NamedTuple):
+    """``config``; ``pools``: list of (pool name, token index or None, PoolCache or
+    None for a pool that got no token, the pool's params for its zero gradient);
+    ``shape``: (N, D) of x; ``dtype``."""
+
+    config: MoEConfig
+    pools: list
+    shape: tuple
+    dtype: np.dtype
+
+
+def _check_modality(modality, n, config):
+    if modality is None:
+        if config.mode == "modality":
+            raise ValueError("modality must be given (an (N,) int array, 0 image / 1 text) "
+                             "when config.mode='modality', got None")
+        return None
+    check_array("modality", modality, ndim=1, axes="(N,)", dtype_kind="i")
+    if modality.shape != (n,):
+        raise ValueError(f"modality must have shape ({n},) (N, one id per token), "
+                         f"got {modality.shape}")
+    bad = (modality != 0) & (modality != 1)
+    if bad.any():
+        raise ValueError("modality must contain only 0 (image) and 1 (text), got values "
+                         f"{np.unique(modality[bad])[:5].tolist()}")
+    return modality
+
+
+def _pool_forward(x, params, config, modality, noise):
+    """One pool on its own tokens; returns (y, losses, stats, PoolCache)."""
+    n = x.shape[0]
+    k, e = config.k, config.num_experts
+    routing, r_cache = router.forward(x, params["router"], k, config.renormalize, noise)
+    top1 = np.take_along_axis(routing.probs, routing.experts[:, :1], axis=1)[:, 0]  # (N,)
+    order = dispatch.priority_order(top1, config.bpr)            # (N,) BPR: raw top-1 prob
+    cap = dispatch.capacity(n, e, k, config.capacity_factor)
+    plan = dispatch.make_plan(routing.experts, e, cap, order)
+    xs, d_cache = dispatch.dispatch_forward(x, plan)             # (M, D)
+    ys, e_cache = experts.forward(xs, plan.offsets, params["experts"])  # (M, D)
+    y, c_cache = dispatch.combine_forward(ys, routing.gates, plan)      # (N, D)
+
+    # auxiliary losses on the probabilities and logits the router decided with
+    probs, logits = routing.probs, routing.logits                # (N, E)
+    assign = np.zeros((n, e), dtype=probs.dtype)                 # (N, E) top-k indicator
+    assign[np.arange(n)[:, None], routing.experts] = 1
+    groups = [None] if modality is None else [np.flatnonzero(modality == m) for m in (0, 1)]
+    losses, caches = {}, {}
+    losses["load_balance"], c = aux_losses.load_balance_forward(probs, assign, k)
+    caches["load_balance"] = [(None, c)]
+    losses["importance"], c = aux_losses.importance_forward(probs)
+    caches["importance"] = [(None, c)]
+    losses["z_loss"], c = aux_losses.z_loss_forward(logits)
+    caches["z_loss"] = [(None, c)]
+    for name, fwd, extra in (("entropy_local", aux_losses.entropy_local_forward, ()),
+                             ("entropy_global", aux_losses.entropy_global_forward,
+                              (config.tau,))):
+        losses[name], caches[name] = 0.0, []
+        for idx in groups:                                       # per modality group
+            value, c = fwd(probs if idx is None else probs[idx], *extra)
+            losses[name] += value
+            caches[name].append((idx, c))
+
+    usage = None
+    if modality is not None:
+        usage = np.stack([np.bincount(routing.experts[plan.kept & (modality[:, None] == m)],
+                                      minlength=e) for m in (0, 1)])  # (2, E)
+    stats = PoolStats(cap, plan.routed, plan.load, plan.dropped_fraction, usage)
+    return y, losses, stats, PoolCache(r_cache, d_cache, e_cache, c_cache, caches)
+
+
+_AUX_BACKWARD = {"load_balance": aux_losses.load_balance_backward,
+                 "importance": aux_losses.importance_backward,
+                 "z_loss": aux_losses.z_loss_backward,
+                 "entropy_local": aux_losses.entropy_local_backward,
+                 "entropy_global": aux_losses.entropy_global_backward}
+
+
+def _pool_backward(dy, cache, config, daux_total):
+    """Gradients of one pool: (dx, dparams)."""
+    dys, dgates = dispatch.combine_backward(dy, cache.combine)   # (M, D), (N, K)
+    dxs, dexperts = experts.backward(dys, cache.experts)         # (M, D)
+    dx = dispatch.dispatch_backward(dxs, cache.dispatch)         # (N, D) dispatch branch
+
+    probs = cache.router.softmax.p                               # (N, E)
+    dprobs = np.zeros_like(probs)                                # (N, E)
+    dlogits = None
+    for name, weight in config.aux_weights.items():
+        scale = daux_total * weight                              # d aux_total / d loss
+        if scale == 0.0:
+            continue
+        for idx, c in cache.aux[name]:
+            grad = _AUX_BACKWARD[name](scale, c)                 # (N_group, E)
+            if name == "z_loss":
+                dlogits = grad                                   # (N, E) of the logits
+            elif idx is None:
+                dprobs += grad                                   # (N, E)
+            else:
+                dprobs[idx] += grad                              # (N_group, E) rows distinct
+    dx_router, drouter = router.backward(dgates, cache.router, dprobs, dlogits)  # (N, D)
+    dx += dx_router                                              # (N, D) the two branches
+    return dx, {"router": drouter, "experts": dexperts}
+
+
+def _zero_pool_grads(params):
+    return {"router": experts.zeros_like_params(params["router"]),
+            "experts": experts.zeros_like_params(params["experts"])}
+
+
+def forward(x, params, config, modality=None, *, rng=None, train=False):
+    """The MoE layer's expert mixture (no residual).
+
+    Parameters
+    ----------
+    x : (N, D) float array.
+    params : from :func:`init` (same dtype as ``x``).
+    config : MoEConfig
+    modality : (N,) int array of 0 (image) / 1 (text), or None.  Required in
+        ``"modality"`` mode; in ``"shared"`` mode it only splits the statistics and
+        the LIMoE entropy losses by modality.
+    rng : numpy.random.Generator, required when ``train`` and ``config.noise_std > 0``
+        (the router noise is its only use).
+    train : bool, add router noise (if ``noise_std > 0``); evaluation is deterministic.
+
+    Returns
+    -------
+    y : (N, D), dtype of ``x``; ``y[n] = sum_{kept j} g[n, j] FFN_{top[n, j]}(x[n])``.
+    aux : Aux(losses, aux_total, stats, dropped_fraction)
+    cache : Cache
+    """
+    if not isinstance(config, MoEConfig):
+        raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+    check_array("x", x, ndim=2, axes="(N, D)")
+    n, d = x.shape
+    modality = _check_modality(modality, n, config)
+    noisy = bool(train) and config.noise_std > 0
+    if noisy and not isinstance(rng, np.random.Generator):
+        raise ValueError("rng must be a numpy.random.Generator when train=True and "
+                         f"noise_std={config.noise_std} > 0 (router noise), got {rng!r}")
+    if config.mode == "shared":
+        pools = [("shared", None, params)]
+    else:
+        missing = [m for m in MODALITIES if m not in params]
+        if missing:
+            raise ValueError(f"params must have the pools {list(MODALITIES)} in "
+                             f"mode='modality', missing {missing}")
+        pools = [(name, np.flatnonzero(modality == m), params[name])
+                 for m, name in enumerate(MODALITIES)]
+    for name, _, pool in pools:
+        w = pool["router"]["W"]
+        if w.shape != (config.num_experts, d):
+            raise ValueError(f"params router W must have shape ({config.num_experts}, {d}) "
+                             f"(E, D), got {w.shape}")
+        check_same_dtype("x", x, f"the {name} router W", w)
+
+    y = np.zeros((n, d), dtype=x.dtype)                          # (N, D) rows of idle pools stay 0
+    losses = dict.fromkeys(aux_losses.AUX_LOSSES, 0.0)
+    stats, caches = {}, []
+    for name, idx, pool in pools:
+        x_p = x if idx is None else x[idx]                       # (N_p, D)
+        mod_p = modality if idx is None else None                # groups inside the pool
+        if x_p.shape[0] == 0:                                    # no token for this pool
+            zeros = np.zeros(config.num_experts, dtype=np.int64)  # (E,)
+            usage = None if modality is None else np.zeros((2, config.num_experts), np.int64)
+            stats[name] = PoolStats(0, zeros, zeros, 0.0, usage)
+            caches.append((name, idx, None, pool))
+            continue
+        noise = None
+        if noisy:
+            noise = router.sample_noise(rng, (x_p.shape[0], config.num_experts),
+                                        config.noise_std, x.dtype)  # (N_p, E)
+        y_p, losses_p, stats_p, cache_p = _pool_forward(x_p, pool, config, mod_p, noise)
+        if idx is None:
+            y = y_p                                              # (N, D)
+        else:
+            y[idx] = y_p                                         # (N_p, D) scatter rows
+            usage = np.zeros((2, config.num_experts), dtype=np.int64)  # (2, E)
+            usage[MODALITIES.index(name)] = stats_p.load
+            stats_p = stats_p._replace(usage=usage)
+        for key, value in losses_p.items():
+            losses[key] += value
+        stats[name] = stats_p
+        caches.append((name, idx, cache_p, None))
+
+    aux_total = float(sum(config.aux_weights[key] * losses[key] for key in losses))
+    kept = sum(int(s.load.sum()) for s in stats.values())
+    dropped = 1.0 - kept / max(1, n * config.k)
+    return y, Aux(losses, aux_total, stats, dropped), Cache(config, caches, (n, d), x.dtype)
+
+
+def backward(dy, cache, daux_total=1.0):
+    """Gradient of ``sum(y * dy) + daux_total * aux_total``.
+
+    Parameters
+    ----------
+    dy : (N, D) upstream gradient of ``y``.
+    cache : Cache from :func:`forward`.
+    daux_total : float, upstream gradient of ``aux.aux_total`` (1.0 when the aux losses
+        are simply added to the task loss).
+
+    Returns
+    -------
+    dx : (N, D)
+    dparams : keyed like the params (router W with its pattern, every expert weight
+        and bias); experts that received no token get exactly zero.
+    """
+    config, pools, (n, d), dtype = cache
+    daux_total = float(daux_total)
+    dy = np.asarray(dy)
+    if dy.shape != (n, d):
+        raise ValueError(f"dy must have shape {(n, d)} (N, D), got {dy.shape}")
+    dx = np.zeros((n, d), dtype=dtype)                           # (N, D)
+    dparams = {}
+    for name, idx, pool_cache, pool_params in pools:
+        if pool_cache is None:                                   # pool got no token
+            dparams[name] = _zero_pool_grads(pool_params)
+        elif idx is None:                                        # shared: all rows
+            dx, dparams[name] = _pool_backward(dy, pool_cache, config, daux_total)
+        else:
+            dx_p, dparams[name] = _pool_backward(dy[idx], pool_cache, config, daux_total)
+            dx[idx] = dx_p                                       # (N_p, D) rows of the pool
+    return (dx, dparams["shared"]) if config.mode == "shared" else (dx, dparams)
+
+
+def separated_inputs(rng, config, n, d, hidden, modality=None, *, noise_seed=None,
+                     spacing=0.5, density=1.0, dtype=np.float64):
+    """Tokens and params whose routing is far from every discontinuity.
+
+    Every router gets orthonormal rows (needs D >= E) and ``x`` is solved so that the
+    logits each pool routes with are ``router.separated_logits``: consecutive logits
+    of a token differ by >= ``spacing`` and the top-1 probabilities (BPR priorities)
+    of different tokens differ too.  With ``noise_seed``, the noise that
+    ``forward(..., rng=np.random.default_rng(noise_seed), train=True)`` will draw is
+    subtracted first, so the *noisy* logits are the separated ones.  Expert biases
+    are random (not zero), so their gradients are exercised.
+
+    Returns
+    -------
+    x : (N, D), params (as :func:`init`).
+    """
+    e = config.num_experts
+    params = init(rng, d, hidden, config, density, dtype)
+    pools = ([(params, np.arange(n))] if config.mode == "shared" else
+             [(params[name], np.flatnonzero(modality == m)) for m, name in enumerate(MODALITIES)])
+    noise_rng = None if noise_seed is None else np.random.default_rng(noise_seed)
+    x = np.empty((n, d), dtype=dtype)                            # (N, D)
+    for pool, idx in pools:
+        for ffn_params in pool["experts"].values():
+            for layer in ffn_params.values():
+                layer["b"] = (0.5 * rng.standard_normal(layer["b"].shape)).astype(dtype)
+        pool["router"] = router.orthonormal_router(rng, d, e, dtype)
+        logits = router.separated_logits(rng, len(idx), e, spacing, dtype)  # (N_p, E)
+        if noise_rng is not None and len(idx) and config.noise_std > 0:
+            logits = logits - router.sample_noise(noise_rng, (len(idx), e),
+                                                  config.noise_std, dtype)  # (N_p, E)
+        x[idx] = router.inputs_for_logits(rng, logits, pool["router"])  # (N_p, D)
+    return x, params
+
+
+def gradcheck_cases(rng):
+    """Float64 cases of the whole layer.  The checked output is ``[y.ravel(),
+    aux_total]``, so the task path and every auxiliary-loss path are checked."""
+    from .gradcheck import GradcheckCase
+
+    all_aux = {name: 0.1 for name in aux_losses.AUX_LOSSES}
+    settings = [
+        ("k=1 raw dropping", dict(num_experts=3, k=1, capacity_factor=0.7, renormalize=False)),
+        ("k=2 renorm dropping bpr", dict(num_experts=3, k=2, capacity_factor=0.6, bpr=True)),
+        ("k=3 renorm dropless noise", dict(num_experts=4, k=3, capacity_factor=None,
+                                           noise_std=0.25)),
+        ("k=2 modality pools", dict(num_experts=3, k=2, capacity_factor=0.8, mode="modality")),
+    ]
+    cases = []
+    n, d, hidden = 8, 4, 3
+    for label, kwargs in settings:
+        config = MoEConfig(aux_weights=all_aux, min_experts=3, **kwargs)
+        modality = np.array([0, 1, 1, 0, 1, 0, 0, 1])                # (N,)
+        x, params = separated_inputs(rng, config, n, d, hidden, modality, noise_seed=5)
+
+        def fwd(a, config=config, modality=modality):
+            y, aux, cache = forward(a["x"], a["params"], config, modality,
+                                    rng=np.random.default_rng(5), train=True)
+            return np.concatenate([y.ravel(), [aux.aux_total]]), cache  # (N*D + 1,)
+
+        def bwd(dout, cache):
+            dy = dout[:-1].reshape(cache.shape)                          # (N, D)
+            return dict(zip(("x", "params"), backward(dy, cache, dout[-1])))
+
+        cases.append(GradcheckCase(f"moe({label})", {"x": x, "params": params}, fwd, bwd))
+    return cases
