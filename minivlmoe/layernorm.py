@@ -1,0 +1,132 @@
+"""Layer normalization over the last axis, with a learned scale and shift.
+
+Math
+----
+For one row ``x`` (D,) and parameters ``gamma``, ``beta`` (D,)::
+
+    mu   = (1/D) sum_i x_i
+    var  = (1/D) sum_i (x_i - mu)^2           biased variance (divide by D, not D-1)
+    rstd = 1 / sqrt(var + eps)                eps inside the square root
+    xhat = (x - mu) * rstd                    mean 0, variance var / (var + eps) ~ 1
+    y    = gamma * xhat + beta
+
+Backward (derived in docs/ops/layernorm.md; the fused form of llm.c)::
+
+    dbeta  = sum over rows of dy
+    dgamma = sum over rows of dy * xhat
+    dxhat  = dy * gamma
+    dx     = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+
+where the means run over the D features of each row.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ._checks import check_array, check_float, check_int, check_same_dtype
+
+
+def init(d, dtype=np.float32):
+    """Return ``{"gamma": ones (D,), "beta": zeros (D,)}`` (the identity affine map)."""
+    d = check_int("d", d, 1)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    return {"gamma": np.ones(d, dtype=dtype), "beta": np.zeros(d, dtype=dtype)}
+
+
+class Cache(NamedTuple):
+    """What backward needs.
+
+    Fields
+    ------
+    xhat : (..., D) the normalized input; needed for dgamma and for dx.
+    rstd : (..., 1) the reciprocal standard deviation 1 / sqrt(var + eps) of each row.
+    gamma : (D,) the scale (a reference to the parameter, not a copy).
+    """
+
+    xhat: np.ndarray
+    rstd: np.ndarray
+    gamma: np.ndarray
+
+
+def forward(x, params, eps=1e-5):
+    """Normalize each row of ``x`` over its last axis, then scale and shift.
+
+    Parameters
+    ----------
+    x : (..., D) float32/float64, finite.
+    params : {"gamma": (D,), "beta": (D,)}, same dtype as ``x``.
+    eps : float > 0, added to the variance inside the square root.
+
+    Returns
+    -------
+    y : (..., D), dtype of ``x``.
+    cache : Cache(xhat, rstd, gamma)
+    """
+    check_array("x", x)
+    if x.ndim < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have shape (..., D) with D >= 1, got {x.shape}")
+    d = x.shape[-1]
+    gamma, beta = params["gamma"], params["beta"]
+    for name, p in (("params['gamma']", gamma), ("params['beta']", beta)):
+        check_array(name, p)
+        if p.shape != (d,):
+            raise ValueError(f"{name} must have shape (D,) = ({d},), got {p.shape}")
+        check_same_dtype(name, p, "x", x)
+    eps = check_float("eps", eps, 0.0, None, low_open=True)
+    mu = x.mean(axis=-1, keepdims=True)                          # (..., 1)
+    xc = x - mu                                                  # (..., D)
+    var = (xc * xc).mean(axis=-1, keepdims=True)                 # (..., 1) biased
+    rstd = 1.0 / np.sqrt(var + eps)                              # (..., 1)
+    xhat = xc * rstd                                             # (..., D)
+    y = xhat * gamma + beta                                      # (..., D)
+    return y, Cache(xhat, rstd, gamma)
+
+
+def backward(dy, cache):
+    """Gradients of layer norm (fused form).
+
+    Parameters
+    ----------
+    dy : (..., D) upstream gradient.
+    cache : Cache from :func:`forward`.
+
+    Returns
+    -------
+    dx : (..., D)
+    dparams : {"gamma": (D,), "beta": (D,)}
+    """
+    xhat, rstd, gamma = cache
+    lead_axes = tuple(range(xhat.ndim - 1))                      # every axis but D
+    # y = xhat * gamma + beta
+    dbeta = np.sum(dy, axis=lead_axes)                           # (D,)
+    dgamma = np.sum(dy * xhat, axis=lead_axes)                   # (D,)
+    dxhat = dy * gamma                                           # (..., D)
+    # xhat = (x - mu) * rstd, with mu and rstd themselves functions of x (fused)
+    mean_dxhat = dxhat.mean(axis=-1, keepdims=True)              # (..., 1)
+    mean_dxhat_xhat = (dxhat * xhat).mean(axis=-1, keepdims=True)  # (..., 1)
+    dx = rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat)    # (..., D)
+    dtype = xhat.dtype
+    return dx.astype(dtype, copy=False), {"gamma": dgamma.astype(dtype, copy=False),
+                                          "beta": dbeta.astype(dtype, copy=False)}
+
+
+def gradcheck_cases(rng):
+    """Small float64 cases: (N, D) and (B, S, D) with non-trivial gamma and beta."""
+    from .gradcheck import GradcheckCase
+
+    cases = []
+    for shape in ((4, 6), (2, 3, 5)):
+        d = shape[-1]
+        params = {"gamma": 1.0 + 0.5 * rng.standard_normal(d),
+                  "beta": rng.standard_normal(d)}
+        x = 3.0 * rng.standard_normal(shape) + 1.0
+        cases.append(GradcheckCase(
+            f"layernorm{shape}", {"x": x, "params": params},
+            lambda a: forward(a["x"], a["params"]),
+            lambda dout, cache: dict(zip(("x", "params"), backward(dout, cache)))))
+    return cases
