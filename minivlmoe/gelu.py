@@ -1,12 +1,19 @@
-"""GELU activation, the exact (erf) form used by BERT and ViT.
+"""GELU activation, tanh form (GPT-2, BERT's original code, PyTorch ``approximate="tanh"``).
 
 Math
 ----
-    gelu(x) = x Φ(x),   Φ(x) = (1 + erf(x / sqrt(2))) / 2      (standard normal CDF)
-    gelu'(x) = Φ(x) + x φ(x),   φ(x) = exp(-x² / 2) / sqrt(2π)
+    u(x) = c (x + a x³),   c = sqrt(2/π),   a = 0.044715
+    gelu(x) = ½ x (1 + tanh u)
+    gelu'(x) = ½ (1 + tanh u) + ½ x (1 - tanh² u) c (1 + 3 a x²)
 
-(GPT-2 uses the tanh approximation ``0.5 x (1 + tanh(sqrt(2/π)(x + 0.044715 x³)))``,
-which differs by < 1e-3; we use the exact form.)  Derivation: docs/ops/gelu.md.
+This approximates the exact ``x Φ(x)`` (Φ the standard normal CDF) to within 1e-3.  We
+use the tanh form because it is what GPT-2 trained with and because NumPy's ``tanh``
+is ~15x faster here than ``scipy.special.erf`` (measured in docs/ops/gelu.md), which
+otherwise dominated the time of every feed-forward layer.
+
+Inside ``u`` the input is clipped to [-10, 10]: beyond that ``tanh u`` is exactly ±1
+in float32 and float64, so the clip changes no result, and it keeps ``x³`` finite.
+Derivation: docs/ops/gelu.md.
 """
 
 from __future__ import annotations
@@ -14,30 +21,62 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from scipy.special import erf
 
 from ._checks import check_array
 
+C = float(np.sqrt(2.0 / np.pi))  # a Python float: a NumPy float64 scalar would promote float32 arrays
+A = 0.044715
+_CLIP = 10.0
+
 
 class Cache(NamedTuple):
-    """``x`` (any shape): the input, needed for Φ(x) and φ(x)."""
+    """``x`` (the input) and ``t = tanh(u(x))``, both of the input's shape."""
 
     x: np.ndarray
+    t: np.ndarray
+
+
+def _memory_order(x):
+    """Flatten Fortran-ordered arrays (e.g. the transposed views that sparse_linear
+    returns) in their own order, so no copy is made and the layout is kept."""
+    return "F" if x.flags.f_contiguous and not x.flags.c_contiguous else "C"
 
 
 def forward(x):
     """``gelu(x)``, element-wise; ``x`` any shape, float32 or float64. Returns (out, cache)."""
     check_array("x", x)
-    cdf = 0.5 * (1.0 + erf(x * (1.0 / np.sqrt(2.0))))           # (...) Φ(x)
-    return (x * cdf).astype(x.dtype, copy=False), Cache(x)
+    order = _memory_order(x)
+    x1 = x.reshape(-1, order=order)                              # (M,) flat view: in-place ops below
+    xc = np.clip(x1, -_CLIP, _CLIP)                              # (M,) clip is exact (docstring)
+    u = xc * xc                                                  # (M,) x²
+    u *= A                                                       #       a x²
+    u += 1.0                                                     #       1 + a x²
+    u *= xc                                                      #       x + a x³
+    u *= C                                                       #       u = c (x + a x³)
+    t = np.tanh(u, out=u)                                        # (M,) tanh u (reuses u)
+    y = t + 1.0                                                  # (M,) 1 + tanh u
+    y *= x1                                                      #      x (1 + tanh u)
+    y *= 0.5                                                     #      gelu(x)
+    return (y.reshape(x.shape, order=order),                     # (...) back to x's layout
+            Cache(x, t.reshape(x.shape, order=order)))
 
 
 def backward(dout, cache):
-    """``dx = dout * (Φ(x) + x φ(x))``; same shape as ``x``."""
-    x = cache.x
-    cdf = 0.5 * (1.0 + erf(x * (1.0 / np.sqrt(2.0))))           # (...) Φ(x)
-    pdf = np.exp(-0.5 * x * x) * (1.0 / np.sqrt(2.0 * np.pi))   # (...) φ(x)
-    return (dout * (cdf + x * pdf)).astype(x.dtype, copy=False)
+    """``dx = dout * (½(1 + t) + ½ x (1 - t²) c (1 + 3 a x²))``; same shape as ``x``."""
+    x, t = cache
+    order = _memory_order(x)
+    t1 = t.reshape(-1, order=order)                              # (M,) flat, as in forward
+    xc = np.clip(x.reshape(-1, order=order), -_CLIP, _CLIP)      # (M,)
+    half_du = xc * xc                                            # (M,) x²
+    half_du *= 1.5 * A * C                                       #       ½ c 3a x²
+    half_du += 0.5 * C                                           #       ½ u'(x) = ½ c (1 + 3a x²)
+    slope = t1 * t1                                              # (M,) t²
+    np.subtract(1.0, slope, out=slope)                           #       1 - t²  (tanh' = 1 - tanh²)
+    slope *= xc                                                  #       x (1 - t²)
+    slope *= half_du                                             #       ½ x (1 - t²) u'(x)
+    slope += 0.5 * t1                                            #       + ½ t
+    slope += 0.5                                                 #       + ½  ->  gelu'(x)
+    return np.asarray(dout) * slope.reshape(x.shape, order=order)  # (...)
 
 
 def gradcheck_cases(rng):

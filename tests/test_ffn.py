@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import gelu_scalar
 from minivlmoe import ffn
 from minivlmoe.gradcheck import GradcheckCase, assert_gradients
 
@@ -30,7 +31,7 @@ def naive_ffn(x, params):
         h = []
         for f in range(w1.shape[0]):
             a = sum(w1[f, i] * flat[n, i] for i in range(w1.shape[1])) + b1[f]
-            h.append(a * 0.5 * (1.0 + math.erf(a / math.sqrt(2.0))))
+            h.append(gelu_scalar(a))
         for o in range(w2.shape[0]):
             out[n, o] = sum(w2[o, f] * h[f] for f in range(len(h))) + b2[o]
     return out.reshape(*x.shape[:-1], w2.shape[0])

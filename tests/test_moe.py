@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import gelu_scalar
 from minivlmoe import aux_losses, experts, moe
 from minivlmoe.gradcheck import GradcheckCase, assert_gradients
 
@@ -116,7 +117,7 @@ def naive_ffn(x_row, p):
     w1, b1 = p["fc1"]["W"].toarray(), p["fc1"]["b"]
     w2, b2 = p["fc2"]["W"].toarray(), p["fc2"]["b"]
     a = w1 @ x_row + b1
-    h = np.array([v * 0.5 * (1.0 + math.erf(v / math.sqrt(2.0))) for v in a])
+    h = np.array([gelu_scalar(v) for v in a])
     return w2 @ h + b2
 
 
