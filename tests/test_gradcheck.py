@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from minivlmoe import gelu, sparse_linear
-from minivlmoe.gradcheck import GradcheckCase, assert_gradients, check_case, rel_errors
+from minivlmoe.gradcheck import (GradcheckCase, assert_gradients, check_case, rel_errors,
+                                  roundoff_floor)
 
 
 def linear_case(backward):
@@ -72,3 +73,24 @@ def test_rel_error_floor_is_relative_to_largest_entry():
     assert rel_errors(a, n).max() < 1e-6
     n = np.array([1.0, 1e-9 + 1e-4])
     assert rel_errors(a, n).max() > 1e-3
+
+
+def test_roundoff_floor_only_forgives_roundoff():
+    # all gradients ~3e-6 while L's terms add up to S = 1: round-off eps*S/h ~ 2e-10
+    floor = roundoff_floor(1.0, 1e-6, 1e-6)
+    a = np.array([3.0e-6, -2.0e-6])
+    assert rel_errors(a, a + 2e-10, floor).max() < 1e-6      # round-off level: forgiven
+    assert rel_errors(a, a + 1e-8, floor).max() > 1e-6       # 0.3% off: still caught
+    assert rel_errors(a, 1.01 * a, floor).max() > 1e-6       # a 1% wrong factor: caught
+
+
+def test_small_gradients_with_a_wrong_factor_are_still_caught():
+    rng = np.random.default_rng(4)
+    # GELU in its tail: gradients ~1e-2, outputs ~1e-3. (Deeper, near x = -6, the forward's
+    # own cancellation in 1 + tanh(u) dominates and no finite difference is accurate.)
+    x = -3.0 + 0.1 * rng.standard_normal((3, 4))
+    case = GradcheckCase("gelu", {"x": x}, lambda a: gelu.forward(a["x"]),
+                         lambda d, c: {"x": 1.05 * gelu.backward(d, c)})
+    with pytest.raises(AssertionError, match="argument 'x'"):
+        assert_gradients(case, rng)
+    assert_gradients(case._replace(backward=lambda d, c: {"x": gelu.backward(d, c)}), rng)
