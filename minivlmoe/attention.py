@@ -1,0 +1,299 @@
+"""Multi-head self-attention with sparse Q, K, V and output projections, and masks.
+
+Math
+----
+For tokens ``x`` (B, S, D), H heads of width Dh = D / H, and four sparse linear
+layers q, k, v, o (each weight (D, D))::
+
+    q = x Wq^T + bq,  k = x Wk^T + bk,  v = x Wv^T + bv          # (B, S, D) each
+    split heads: 'b s (h e) -> b h s e'                          # (B, H, S, Dh) each
+    scores[b,h,s,t] = q[b,h,s] . k[b,h,t] / sqrt(Dh)             # (B, H, S, S)
+    p[b,h,s,:] = masked_softmax(scores[b,h,s,:], mask[b,s,:])   # (B, H, S, S)
+    ctx[b,h,s] = sum_t p[b,h,s,t] v[b,h,t]                       # (B, H, S, Dh)
+    merge heads: 'b h s e -> b s (h e)'                          # (B, S, D)
+    y = ctx Wo^T + bo                                            # (B, S, D)
+
+Masks
+-----
+``mask[b, s, t]`` is True when query ``s`` may attend to key ``t``.  The masked softmax
+runs over the allowed keys only::
+
+    p[s, t] = exp(scores[s, t] - m_s) / sum_{t' allowed} exp(scores[s, t'] - m_s)  if allowed
+    p[s, t] = 0                                                                     otherwise
+    m_s = max over allowed t of scores[s, t]      (stable: every exponent is <= 0)
+
+so a masked key gets *exactly* zero probability (its exponential is exp(-inf) = 0, not
+a tiny number).  A query row with no allowed key at all is defined to have all-zero
+weights: its context is 0 and its output is just the bias ``bo``; no NaN appears in
+forward or backward.  :func:`make_mask` builds key-padding, causal and prefix-causal masks.
+
+Backward (derived in docs/ops/attention.md), for ``dy`` (B, S, D)::
+
+    dctx, dWo, dbo = o.backward(dy);  split heads                # (B, H, S, Dh)
+    dp = dctx v^T                                                # (B, H, S, S)
+    dv = p^T dctx                                                # (B, H, S, Dh)
+    dscores = p * (dp - sum_t p dp) / sqrt(Dh)                   # softmax backward, scaled
+    dq = dscores k,  dk = dscores^T q                            # (B, H, S, Dh)
+    merge heads; dx = q.backward(dq) + k.backward(dk) + v.backward(dv)   # x forks 3 ways
+
+Masked entries have p = 0, so their ``dscores`` is 0 too: the mask needs no separate
+treatment in backward.  Every row of ``dscores`` sums to 0, so the key bias gets a zero
+gradient, ``dbk = sum_(b,t) dk = 0``: adding ``bk`` shifts each score row by the constant
+``q[s] . bk / sqrt(Dh)``, which softmax ignores.  We keep ``bk`` so that all four
+projections are the same layer; it simply never learns.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import sparse_linear
+from ._checks import check_array, check_int, check_same_dtype
+
+PROJECTIONS = ("q", "k", "v", "o")
+
+
+def _check_heads(heads, d):
+    heads = check_int("heads", heads, 1)
+    if d % heads:
+        raise ValueError(f"heads must divide the width D={d}, got heads={heads}")
+    return heads
+
+
+def init(rng, d, heads, density=1.0, dtype=np.float32):
+    """Create ``{"q", "k", "v", "o"}``, each a sparse linear layer (D -> D) at ``density``.
+
+    ``heads`` is only checked here (it must divide ``d``); it is passed again to forward.
+    """
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    d = check_int("d", d, 1)
+    _check_heads(heads, d)
+    return {name: sparse_linear.init(rng, d, d, density, dtype) for name in PROJECTIONS}
+
+
+def make_mask(valid=None, *, S=None, causal=False, prefix=0):
+    """Build a boolean attention mask, True where query ``s`` may attend to key ``t``.
+
+    Parameters
+    ----------
+    valid : (B, S) bool or None.  Key padding: ``valid[b, t] == False`` masks key ``t``
+        for every query of item ``b``.  None means every position is valid.
+    S : int, the sequence length; needed when ``valid`` is None, else must match it.
+    causal : bool, allow only ``t <= s``.
+    prefix : int in [0, S].  Prefix-causal mask (e.g. image tokens, then caption tokens):
+        positions ``< prefix`` see the whole prefix and nothing after it, positions
+        ``>= prefix`` see the prefix and are causal among themselves, i.e.
+        ``t <= max(s, prefix - 1)``.  ``prefix > 0`` implies causal after the prefix.
+
+    Returns
+    -------
+    mask : (B, S, S) bool when ``valid`` is given, else (1, S, S).
+    """
+    if valid is not None:
+        check_array("valid", valid, ndim=2, axes="(B, S)", dtype_kind="b")
+        if S is not None and check_int("S", S, 1) != valid.shape[1]:
+            raise ValueError(f"S must equal valid.shape[1]={valid.shape[1]}, got {S}")
+        S = valid.shape[1]
+    elif S is None:
+        raise ValueError("S must be given when valid is None, got S=None")
+    S = check_int("S", S, 1)
+    prefix = check_int("prefix", prefix, 0, S)
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
+    s = np.arange(S)[:, None]                                      # (S, 1) query position
+    t = np.arange(S)[None, :]                                      # (1, S) key position
+    if causal or prefix > 0:
+        allowed = t <= np.maximum(s, prefix - 1)                   # (S, S)
+    else:
+        allowed = np.ones((S, S), dtype=bool)                      # (S, S)
+    if valid is None:
+        return allowed[None]                                       # (1, S, S)
+    return allowed[None] & valid[:, None, :]                       # (B, S, S) keys masked
+
+
+class Cache(NamedTuple):
+    """What backward needs.
+
+    Fields
+    ------
+    lin : dict {"q","k","v","o"} of sparse_linear.Cache (the projections' inputs).
+    q, k, v : (B, H, S, Dh) the projected, head-split queries, keys and values
+        (q and k for dk and dq, v for dp).
+    probs : (B, H, S, S) attention weights ``p`` (rows sum to 1 over allowed keys, are
+        exactly 0 on masked keys, all 0 for fully masked rows); needed for dv and the
+        softmax backward.
+    scale : float, 1/sqrt(Dh).
+    """
+
+    lin: dict
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    probs: np.ndarray
+    scale: float
+
+
+def _split_heads(a, heads):
+    """'b s (h e) -> b h s e'."""
+    B, S, D = a.shape
+    return a.reshape(B, S, heads, D // heads).transpose(0, 2, 1, 3)   # (B, H, S, Dh)
+
+
+def _merge_heads(a):
+    """'b h s e -> b s (h e)' (inverse of :func:`_split_heads`)."""
+    B, H, S, Dh = a.shape
+    return a.transpose(0, 2, 1, 3).reshape(B, S, H * Dh)              # (B, S, D)
+
+
+def _check_mask(mask, B, S):
+    check_array("mask", mask, dtype_kind="b")
+    ok = mask.ndim in (2, 3)
+    if ok:
+        try:
+            np.broadcast_shapes(mask.shape, (B, S, S))
+        except ValueError:
+            ok = False
+    if not ok:
+        raise ValueError(f"mask must be broadcastable to (B, S, S)=({B}, {S}, {S}), "
+                         f"got shape {mask.shape}")
+    return mask
+
+
+def masked_softmax(scores, allowed):
+    """Softmax over the last axis restricted to ``allowed`` entries; 0 elsewhere.
+
+    ``scores`` (..., S) float, ``allowed`` bool broadcastable to it.  Rows with no
+    allowed entry come out all zero.  Stable: the row maximum is taken over allowed
+    entries only, so every exponent is <= 0.
+    """
+    masked = np.where(allowed, scores, -np.inf)                    # (..., S)
+    m = masked.max(axis=-1, keepdims=True)                         # (..., 1) -inf if none
+    m = np.where(np.isfinite(m), m, 0.0).astype(scores.dtype)     # (..., 1)
+    e = np.exp(masked - m)                                         # (..., S) exp(-inf) = 0
+    z = e.sum(axis=-1, keepdims=True)                              # (..., 1)
+    return e / np.where(z > 0, z, 1.0).astype(scores.dtype)       # (..., S)
+
+
+def forward(x, params, heads, mask=None):
+    """Multi-head scaled dot-product self-attention.
+
+    Parameters
+    ----------
+    x : (B, S, D) float32 or float64.
+    params : {"q","k","v","o"}, each sparse linear params with W (D, D), dtype of ``x``.
+    heads : int H, must divide D.
+    mask : bool array broadcastable to (B, S, S), True where query s may attend to
+        key t (see :func:`make_mask`), or None for full attention.
+
+    Returns
+    -------
+    y : (B, S, D), dtype of ``x``.
+    cache : Cache (fields ``lin``, ``q``, ``k``, ``v``, ``probs``, ``scale``).
+    """
+    check_array("x", x, ndim=3, axes="(B, S, D)")
+    B, S, D = x.shape
+    heads = _check_heads(heads, D)
+    for name in PROJECTIONS:
+        W = params[name]["W"]
+        if W.shape != (D, D):
+            raise ValueError(f"params['{name}']['W'] must have shape (D, D)=({D}, {D}), "
+                             f"got {W.shape}")
+        check_same_dtype("x", x, f"params['{name}']['W']", W)
+    if mask is not None:
+        mask = _check_mask(mask, B, S)
+    scale = 1.0 / float(np.sqrt(D // heads))                       # a Python float keeps float32
+    lin = {}
+    q, lin["q"] = sparse_linear.forward(x, params["q"])            # (B, S, D)
+    k, lin["k"] = sparse_linear.forward(x, params["k"])            # (B, S, D)
+    v, lin["v"] = sparse_linear.forward(x, params["v"])            # (B, S, D)
+    q, k, v = (_split_heads(a, heads) for a in (q, k, v))          # (B, H, S, Dh) each
+    scores = (q @ k.transpose(0, 1, 3, 2)) * scale                 # (B, H, S, S)
+    if mask is None:
+        allowed = np.ones((1, 1, 1, 1), dtype=bool)                # (1, 1, 1, 1)
+    else:
+        allowed = mask[..., None, :, :] if mask.ndim == 3 else mask  # (B|1, 1, S, S)
+    probs = masked_softmax(scores, allowed)                        # (B, H, S, S)
+    ctx = probs @ v                                                # (B, H, S, Dh)
+    y, lin["o"] = sparse_linear.forward(_merge_heads(ctx), params["o"])  # (B, S, D)
+    return y, Cache(lin, q, k, v, probs, scale)
+
+
+def backward(dy, cache):
+    """Gradients of :func:`forward`.
+
+    Parameters
+    ----------
+    dy : (B, S, D) upstream gradient.
+    cache : Cache from :func:`forward`.
+
+    Returns
+    -------
+    dx : (B, S, D)
+    dparams : {"q","k","v","o"}, each {"W": csr_array with W's pattern, "b": (D,)}.
+    """
+    lin, q, k, v, p, scale = cache
+    heads = q.shape[1]
+    dparams = {}
+    # y = o(merge(ctx))
+    dctx, dparams["o"] = sparse_linear.backward(dy, lin["o"])      # (B, S, D)
+    dctx = _split_heads(dctx, heads)                               # (B, H, S, Dh)
+    # ctx = p @ v
+    dp = dctx @ v.transpose(0, 1, 3, 2)                            # (B, H, S, S)
+    dv = p.transpose(0, 1, 3, 2) @ dctx                            # (B, H, S, Dh)
+    # p = masked_softmax(scores): dscores = p * (dp - <p, dp>); 0 where p is 0
+    dscores = p * (dp - (p * dp).sum(axis=-1, keepdims=True))      # (B, H, S, S)
+    # scores = (q @ k^T) * scale
+    dscores = dscores * scale                                      # (B, H, S, S)
+    dq = dscores @ k                                               # (B, H, S, Dh)
+    dk = dscores.transpose(0, 1, 3, 2) @ q                         # (B, H, S, Dh)
+    # q, k, v = proj(x): x forks into three branches, their gradients add
+    dxq, dparams["q"] = sparse_linear.backward(_merge_heads(dq), lin["q"])  # (B, S, D)
+    dxk, dparams["k"] = sparse_linear.backward(_merge_heads(dk), lin["k"])  # (B, S, D)
+    dxv, dparams["v"] = sparse_linear.backward(_merge_heads(dv), lin["v"])  # (B, S, D)
+    dx = dxq + dxk + dxv                                           # (B, S, D)
+    return dx, {name: dparams[name] for name in PROJECTIONS}
+
+
+def gradcheck_cases(rng):
+    """Small float64 cases: full, key-padding (one item fully padded), causal, prefix-causal."""
+    from .gradcheck import GradcheckCase
+
+    B, S, D, H = 2, 5, 6, 2
+    valid = np.array([[True, True, True, False, False], [False] * S])   # (B, S)
+    masks = {
+        "full": None,
+        "padding": make_mask(valid),
+        "causal": make_mask(S=S, causal=True),
+        "prefix=3": make_mask(S=S, causal=True, prefix=3),
+    }
+    cases = []
+    for label, mask in masks.items():
+        density = 1.0 if label in ("full", "causal") else 0.4
+        params = init(rng, D, H, density, dtype=np.float64)
+        for name in PROJECTIONS:
+            params[name]["b"] = 0.1 * rng.standard_normal(D)
+        x = rng.standard_normal((B, S, D))
+        cases.append(GradcheckCase(
+            f"attention(mask={label}, density={density})",
+            {"x": x, "params": params},
+            lambda a, mask=mask: forward(a["x"], a["params"], H, mask),
+            _gradcheck_backward, h=1e-5,  # see tests/test_attention.py, H_STEP
+        ))
+    return cases
+
+
+def _gradcheck_backward(dout, cache):
+    """Backward for the gradient check, leaving out the key bias ``params.k.b``.
+
+    Its exact gradient is zero: ``bk`` adds ``q[s] . bk / sqrt(Dh)`` to every score of
+    row ``s``, and softmax is invariant to a constant shift of a row.  The analytic
+    value is then round-off (~1e-17) and the centered difference is round-off
+    (~1e-10), so a *relative* error is meaningless; tests/test_attention.py checks
+    instead that the gradient is ~0 and that the output does not depend on ``bk``.
+    """
+    dx, dparams = backward(dout, cache)
+    dparams["k"] = {"W": dparams["k"]["W"]}
+    return {"x": dx, "params": dparams}
