@@ -3,12 +3,20 @@
 Subcommands
 -----------
 gradcheck   finite-difference check of every op, one row per (op, argument).
+train       train on the built-in image-caption world (presets tiny, default, large).
+eval        evaluate a checkpoint on its run's test split.
+caption     greedy captions of test images, next to the reference captions.
+retrieve    the test images that best match a caption.
+
+Exit status: 0 success, 1 a failed check or an unusable checkpoint (one line on
+stderr, no traceback), 2 bad command-line arguments (argparse's usage error).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 import numpy as np
@@ -48,13 +56,286 @@ def cmd_gradcheck(args):
     return 1 if failures else 0
 
 
+def _fail(message):
+    """One line on stderr and exit status 1 (no traceback)."""
+    print(f"minivlmoe: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _load_run(path):
+    """(checkpoint, ModelConfig, TrainConfig, Tokenizer) of a checkpoint file or run folder.
+
+    Raises CheckpointError (a ValueError) with a one-line message.
+    """
+    from . import train
+
+    if os.path.isdir(path):
+        path = os.path.join(path, train.CKPT_NAME)
+    return train.load_checkpoint(path)
+
+
+def _test_split(model_cfg, train_cfg):
+    from . import train
+
+    return train.make_data(train_cfg, model_cfg.image_size).test
+
+
+def _train_overrides(args):
+    """TrainConfig fields given on the command line (None = not given)."""
+    return {"steps": args.steps, "seed": args.seed, "batch_size": args.batch_size,
+            "lr": args.lr, "eval_every": args.eval_every, "max_objects": args.max_objects,
+            "n_train": args.n_train}
+
+
+def cmd_train(args):
+    import dataclasses
+    import json
+
+    from . import checkpoint, train
+
+    out = args.out or os.path.join("runs", f"{args.preset or 'default'}-"
+                                           f"{args.experts or 'modality'}")
+    overrides = {k: v for k, v in _train_overrides(args).items() if v is not None}
+    model_kw = {k: v for k, v in (("experts", args.experts), ("dtype", args.dtype))
+                if v is not None}
+    if args.resume:
+        config_path = os.path.join(out, train.CONFIG_NAME)
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                saved = json.load(f)
+            model_cfg, train_cfg, _ = train.parse_run_config(saved)
+        except (OSError, ValueError) as e:
+            return _fail(f"cannot resume from {out}: {config_path} is missing or not a run "
+                         f"config ({type(e).__name__})")
+        preset = saved.get("preset")
+        if args.preset is not None and args.preset != preset:
+            return _fail(f"--preset {args.preset} does not match the run in {out} "
+                         f"(preset {preset!r}); omit it to resume")
+        # flags given with --resume must agree with the run: the checkpoint's config check
+        # in train.train reports any difference
+        try:
+            train_cfg = dataclasses.replace(train_cfg, **overrides)
+            model_cfg = dataclasses.replace(model_cfg, **model_kw)
+        except (TypeError, ValueError) as e:
+            args.parser.error(str(e))                                   # exit status 2
+    else:
+        if os.path.exists(os.path.join(out, train.CKPT_NAME)) and not args.overwrite:
+            return _fail(f"{out} already holds a run; pass --resume to continue it, "
+                         "--overwrite to start again, or choose another --out")
+        preset = args.preset or "default"
+        try:
+            model_cfg, train_cfg = train.preset_configs(preset, **model_kw, **overrides)
+        except (TypeError, ValueError) as e:
+            args.parser.error(str(e))                                   # exit status 2
+    progress = None if args.quiet else sys.stderr
+    if progress is not None:
+        print(f"training preset {preset!r} ({model_cfg.experts} experts, {train_cfg.steps} "
+              f"steps) into {out}", file=progress, flush=True)
+    try:
+        result = train.train(model_cfg, train_cfg, out, resume=args.resume, preset=preset,
+                             progress=progress)
+    except checkpoint.CheckpointError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail(f"interrupted; continue from the last checkpoint with "
+                     f"`minivlmoe train --out {out} --resume`")
+    if not result.history:
+        print(f"the run in {out} is already complete ({result.step} steps)")
+    if result.evaluations:
+        from .evaluate import format_report
+
+        print(format_report(result.evaluations[-1]))
+    print(f"metrics: {os.path.join(out, train.METRICS_NAME)}  checkpoint: "
+          f"{os.path.join(out, train.CKPT_NAME)}")
+    return 0
+
+
+def cmd_eval(args):
+    from . import checkpoint
+    from .evaluate import evaluate, format_report
+
+    try:
+        ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.ckpt)
+    except checkpoint.CheckpointError as e:
+        return _fail(str(e))
+    results = evaluate(ckpt.params, model_cfg, _test_split(model_cfg, train_cfg), tokenizer,
+                       decode=not args.no_decode)
+    print(f"checkpoint {args.ckpt}: step {ckpt.step}, {model_cfg.experts} experts, "
+          f"{train_cfg.n_test} test pairs")
+    print(format_report(results))
+    if args.json:
+        import json
+
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"step": ckpt.step, **results}, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+def cmd_caption(args):
+    from . import checkpoint
+    from .evaluate import generate_captions
+
+    try:
+        ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.ckpt)
+    except checkpoint.CheckpointError as e:
+        return _fail(str(e))
+    test = _test_split(model_cfg, train_cfg)
+    n = min(args.n, len(test))
+    images = test.images[:n].astype(model_cfg.dtype, copy=False)      # (n, R, R, Ch)
+    hyps = generate_captions(ckpt.params, model_cfg, images, tokenizer)
+    for i, (hyp, ref) in enumerate(zip(hyps, test.captions[:n])):
+        mark = "ok " if hyp == ref else "   "
+        held = " (held-out pair)" if test.heldout is not None and test.heldout[i] else ""
+        print(f"[{i:>3}] {mark} generated: {hyp}\n            reference: {ref}{held}")
+    print(f"exact match {sum(h == r for h, r in zip(hyps, test.captions)) / n:.3f} "
+          f"on {n} test images")
+    if args.png:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return _fail("--png needs matplotlib, which is not installed "
+                         "(pip install matplotlib, or pip install minivlmoe[plot]); "
+                         "the captions above were printed")
+        cols = min(4, n)
+        rows = -(-n // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+        for ax in axes.ravel():
+            ax.axis("off")
+        for i, ax in enumerate(axes.ravel()[:n]):
+            ax.imshow(test.images[i], interpolation="nearest")
+            ax.set_title(f"gen: {hyps[i]}\nref: {test.captions[i]}", fontsize=6,
+                         color="black" if hyps[i] == test.captions[i] else "red")
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=120)
+        plt.close(fig)
+        print(f"saved {args.png}")
+    return 0
+
+
+def cmd_retrieve(args):
+    from . import checkpoint, model
+    from .data import to_ascii
+    from .evaluate import embed_images
+    from .tokenizer import PAD_ID, UNK_ID, tokenize
+
+    try:
+        ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.ckpt)
+    except checkpoint.CheckpointError as e:
+        return _fail(str(e))
+    if not args.caption.strip():
+        return _fail("the caption must not be empty")
+    try:
+        ids = tokenizer.encode([args.caption], model_cfg.max_text_len)  # (1, T)
+    except ValueError as e:
+        return _fail(str(e))
+    unknown = [w for w in tokenize(args.caption) if tokenizer.ids.get(w, UNK_ID) == UNK_ID]
+    if unknown:
+        print(f"note: words not in the vocabulary (read as <unk>): {' '.join(unknown)}",
+              file=sys.stderr)
+    test = _test_split(model_cfg, train_cfg)
+    images = test.images.astype(model_cfg.dtype, copy=False)           # (B, R, R, Ch)
+    img_emb = embed_images(ckpt.params, model_cfg, images)              # (B, Dp)
+    txt_emb = model.encode_texts(ckpt.params, model_cfg, ids, pad_id=PAD_ID)  # (1, Dp)
+    scores = img_emb @ txt_emb[0]                                       # (B,)
+    order = np.argsort(-scores, kind="stable")[:args.top]              # (top,)
+    print(f"best matches among {len(test)} test images for {args.caption!r}:")
+    for rank, i in enumerate(order, 1):
+        mark = "=" if test.captions[i] == " ".join(tokenize(args.caption)) else " "
+        print(f"{rank:>3}. {mark} image {i:>4}  score {scores[i]:+.3f}  "
+              f"its caption: {test.captions[i]}")
+    if args.ascii:
+        print(to_ascii(test.images[order[0]].astype(np.float32)))
+    return 0
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _nonneg_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
 def build_parser():
+    from .train import EXPERT_MODES, PRESETS
+
     parser = argparse.ArgumentParser(prog="minivlmoe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
     p = sub.add_parser("gradcheck", help="finite-difference check of every op's backward")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--only", default=None, help="only ops whose name contains this text")
     p.set_defaults(func=cmd_gradcheck)
+
+    p = sub.add_parser("train", help="train on the built-in image-caption world",
+                       description="Train on the built-in image-caption world. Writes "
+                       "DIR/config.json, DIR/metrics.jsonl and DIR/ckpt.npz.")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="model size, steps and data (default: default)")
+    p.add_argument("--steps", type=_positive_int, help="optimizer steps (preset's by default)")
+    p.add_argument("--out", metavar="DIR",
+                   help="output folder (default runs/PRESET-EXPERTS)")
+    p.add_argument("--seed", type=_nonneg_int, help="init, data order and noise seed (0)")
+    p.add_argument("--experts", choices=EXPERT_MODES,
+                   help="modality (VL-MoE), shared (LIMoE) or dense (default modality)")
+    p.add_argument("--dtype", choices=("float32", "float64"), help="default float32")
+    p.add_argument("--batch-size", type=_positive_int, help="pairs per step")
+    p.add_argument("--lr", type=_positive_float, help="peak learning rate")
+    p.add_argument("--eval-every", type=_nonneg_int, metavar="N",
+                   help="evaluate and checkpoint every N steps (0: only at the end)")
+    p.add_argument("--max-objects", type=int, choices=(1, 2, 3),
+                   help="objects per image in the data (difficulty)")
+    p.add_argument("--n-train", type=_positive_int, help="training pairs")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again even if --out holds a run")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=cmd_train, parser=p)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on its test split")
+    p.add_argument("ckpt", metavar="CKPT", help="a checkpoint file or a run folder")
+    p.add_argument("--no-decode", action="store_true", help="skip the caption metrics")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("caption", help="greedy captions of test images")
+    p.add_argument("ckpt", metavar="CKPT", help="a checkpoint file or a run folder")
+    p.add_argument("--n", type=_positive_int, default=8, help="number of images (8)")
+    p.add_argument("--png", metavar="FILE", help="save a grid of images (needs matplotlib)")
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("retrieve", help="test images that best match a caption")
+    p.add_argument("ckpt", metavar="CKPT", help="a checkpoint file or a run folder")
+    p.add_argument("caption", help='e.g. "a small red circle left of a large blue square"')
+    p.add_argument("--top", type=_positive_int, default=5, help="number of images (5)")
+    p.add_argument("--ascii", action="store_true", help="draw the best image as text")
+    p.set_defaults(func=cmd_retrieve)
     return parser
 
 
