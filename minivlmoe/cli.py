@@ -26,6 +26,21 @@ import numpy as np
 GRADCHECK_MODULES = [
     "sparse_linear",
     "gelu",
+    "layernorm",
+    "softmax",
+    "cross_entropy",
+    "l2norm",
+    "contrastive",
+    "patch_embed",
+    "token_embed",
+    "attention",
+    "ffn",
+    "router",
+    "dispatch",
+    "experts",
+    "aux_losses",
+    "moe",
+    "model",
 ]
 
 
