@@ -29,7 +29,8 @@ Kernels (measured by benchmarks/sparse_linear.py; docs/ops/sparse_linear.md expl
 * stored density >= ``DENSE_ABOVE`` (0.075): ``W`` is expanded with ``toarray()`` and
   dense BLAS does all three products on token-major activations; the weight gradient
   is the dense ``dy^T x`` gathered at the pattern.  (CSR kernels lose to BLAS above
-  roughly 5-10% density.)
+  roughly 5-10% density.)  At density 1 the canonical ``W.data`` already *is* ``W`` in
+  row-major order, so neither the expansion nor the gather is needed.
 * below it, activations are made *feature-major* (``xT`` (Din, N), C-contiguous):
   scipy's CSR kernels need the contraction axis as rows of a C-contiguous array, and
   when handed a token-major ``x`` they copy it with a naive strided transpose that costs
@@ -182,7 +183,11 @@ def forward(x, params):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_in)                                     # (N, Din)  '... i -> (...) i'
     Wd, groups = None, None
-    if stored_density(W) >= DENSE_ABOVE:
+    if W.nnz == d_out * d_in:  # full pattern, canonical: W.data is W in row-major order
+        Wd = W.data.reshape(d_out, d_in)                         # (Dout, Din) a view, no copy
+        y = x2 @ Wd.T + b                                        # (N, Dout) BLAS, any layout
+        saved = x2
+    elif stored_density(W) >= DENSE_ABOVE:
         Wd = W.toarray()                                         # (Dout, Din)
         y = x2 @ Wd.T + b                                        # (N, Dout) BLAS, any layout
         saved = x2
@@ -227,8 +232,12 @@ def backward(dy, cache):
         # y = x Wd^T + b  ->  dx = dy Wd,  dWd = dy^T x,  db = sum_n dy
         dx = dy2 @ Wd                                            # (N, Din) BLAS
         db = dy2.sum(axis=0)                                     # (Dout,)
-        rows = np.repeat(np.arange(d_out), np.diff(W.indptr))    # (nnz,) row of each entry
-        dW_data = (dy2.T @ x2)[rows, W.indices]                  # (Dout, Din) -> (nnz,)
+        dWd = dy2.T @ x2                                         # (Dout, Din)
+        if W.nnz == d_out * d_in:
+            dW_data = dWd.reshape(-1)                            # (nnz,) full pattern: row-major
+        else:
+            rows = np.repeat(np.arange(d_out), np.diff(W.indptr))  # (nnz,) row of each entry
+            dW_data = dWd[rows, W.indices]                       # (Dout, Din) -> (nnz,) gather
     else:
         dyT = feature_major(dy2)                                 # (Dout, N)
         # yT = W xT + b  ->  dxT = W^T dyT,  db = sum_n dyT
