@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-import scipy.sparse as sp
 
 from . import ffn
 from ._checks import check_array
+from .gradcheck import zeros_like
 
 
 def expert_names(num_experts):
@@ -33,18 +33,6 @@ def expert_names(num_experts):
 def init(rng, d, hidden, num_experts, density=1.0, dtype=np.float32):
     """``{"e0": ffn params, ..., "e{E-1}": ffn params}``, each with its own pattern."""
     return {name: ffn.init(rng, d, hidden, density, dtype) for name in expert_names(num_experts)}
-
-
-def zeros_like_params(params):
-    """A gradient of zeros with the structure (and sparsity patterns) of ``params``."""
-    if isinstance(params, dict):
-        return {key: zeros_like_params(value) for key, value in params.items()}
-    if isinstance(params, sp.csr_array):
-        z = sp.csr_array((np.zeros_like(params.data), params.indices, params.indptr),
-                         shape=params.shape)
-        z.has_canonical_format = True
-        return z
-    return np.zeros_like(params)
 
 
 class Cache(NamedTuple):
@@ -105,7 +93,7 @@ def backward(dys, cache):
     for e, name in enumerate(expert_names(len(offsets) - 1)):
         lo, hi = int(offsets[e]), int(offsets[e + 1])
         if caches[e] is None:                                    # no token: zero gradient
-            dparams[name] = zeros_like_params(params[name])
+            dparams[name] = zeros_like(params[name])
             continue
         dxs[lo:hi], dparams[name] = ffn.backward(dys[lo:hi], caches[e])  # (M_e, D)
     return dxs, dparams

@@ -92,6 +92,19 @@ def tree_map(fn, tree):
     return fn(tree)
 
 
+def zeros_like(tree):
+    """Zero gradients with the structure of ``tree``; a sparse leaf's zero keeps its
+    sparsity pattern (shares ``indices``/``indptr``)."""
+    def zero(leaf):
+        if isinstance(leaf, sp.csr_array):
+            z = sp.csr_array((np.zeros_like(leaf.data), leaf.indices, leaf.indptr),
+                             shape=leaf.shape)
+            z.has_canonical_format = True
+            return z
+        return np.zeros_like(leaf)
+    return tree_map(zero, tree)
+
+
 def _copy_leaf(leaf):
     if isinstance(leaf, sp.csr_array):
         return sp.csr_array((leaf.data.copy(), leaf.indices.copy(), leaf.indptr.copy()),

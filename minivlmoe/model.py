@@ -68,7 +68,7 @@ import scipy.sparse as sp
 from . import (attention, contrastive, cross_entropy, ffn, l2norm, layernorm, moe,
                patch_embed, router, sparse_linear, token_embed)
 from ._checks import check_array, check_choice, check_float, check_int
-from .gradcheck import flatten, tree_map
+from .gradcheck import flatten, zeros_like
 
 EXPERT_MODES = ("modality", "shared", "dense")
 IMAGE, TEXT = 0, 1           # modality ids (moe.MODALITIES order)
@@ -264,18 +264,6 @@ def init(rng, cfg):
     params["log_temp"] = np.array(contrastive.LOG_TEMP_INIT, dtype=dt)
     params["lm_head"] = sparse_linear.init(rng, D, cfg.vocab_size, cfg.density, dt)
     return params
-
-
-def zeros_like(tree):
-    """Zero gradients with the structure (and sparsity patterns) of ``tree``."""
-    def zero(leaf):
-        if isinstance(leaf, sp.csr_array):
-            z = sp.csr_array((np.zeros_like(leaf.data), leaf.indices, leaf.indptr),
-                             shape=leaf.shape)
-            z.has_canonical_format = True
-            return z
-        return np.zeros_like(leaf)
-    return tree_map(zero, tree)
 
 
 def _add_grads(a, b):
@@ -659,7 +647,7 @@ def backward(cache, timer=None):
     upstream gradient of the total is 1; the objectives enter with their weights, the
     aux losses with weight 1 since their own weights are inside ``aux_total``).
     """
-    cfg, (P1, Tc, Tr) = cache.cfg, cache.layout
+    cfg, (P1, Tc, _) = cache.cfg, cache.layout                   # (image, caption, retrieval-text) lengths
     B, S, D = cache.tower.shape
     grads = {}
     dh = np.zeros((B, S, D), dtype=cfg.np_dtype)                   # (B, S, D)

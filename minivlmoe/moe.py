@@ -49,6 +49,7 @@ import numpy as np
 
 from . import aux_losses, dispatch, experts, router
 from ._checks import check_array, check_choice, check_float, check_int, check_same_dtype
+from .gradcheck import zeros_like
 
 MODALITIES = ("image", "text")  # modality id 0 and 1
 DEFAULT_AUX_WEIGHTS = {"load_balance": 0.01, "importance": 0.0, "z_loss": 0.001,
@@ -303,8 +304,7 @@ def _pool_backward(dy, cache, config, daux_total):
 
 
 def _zero_pool_grads(params):
-    return {"router": experts.zeros_like_params(params["router"]),
-            "experts": experts.zeros_like_params(params["experts"])}
+    return zeros_like({"router": params["router"], "experts": params["experts"]})
 
 
 def forward(x, params, config, modality=None, *, rng=None, train=False):

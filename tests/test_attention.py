@@ -153,7 +153,7 @@ def test_forward_matches_naive_loop(cfg):
 def test_probabilities_sum_to_one_and_are_zero_on_masked_keys(cfg):
     _, x, params, mask = make_case(cfg)
     _, cache = attention.forward(x, params, cfg["H"], mask)
-    B, S, H = cfg["B"], cfg["S"], cfg["H"]
+    B, S = cfg["B"], cfg["S"]
     allowed = np.broadcast_to(True if mask is None else mask, (B, S, S))[:, None]  # (B,1,S,S)
     allowed = np.broadcast_to(allowed, cache.probs.shape)
     assert np.all(cache.probs[~allowed] == 0.0)               # exactly zero, not tiny

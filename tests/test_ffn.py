@@ -1,7 +1,5 @@
 """Tests for minivlmoe/ffn.py: the two-layer FFN (sparse linear -> GELU -> sparse linear)."""
 
-import math
-
 import numpy as np
 import pytest
 from hypothesis import given
