@@ -106,7 +106,7 @@ def cmd_train(args):
     import dataclasses
     import json
 
-    from . import checkpoint, train
+    from . import train
 
     out = args.out or os.path.join("runs", f"{args.preset or 'default'}-"
                                            f"{args.experts or 'modality'}")
@@ -149,8 +149,6 @@ def cmd_train(args):
     try:
         result = train.train(model_cfg, train_cfg, out, resume=args.resume, preset=preset,
                              progress=progress)
-    except checkpoint.CheckpointError as e:
-        return _fail(str(e))
     except KeyboardInterrupt:
         return _fail(f"interrupted; continue from the last checkpoint with "
                      f"`minivlmoe train --out {out} --resume`")
@@ -166,13 +164,9 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    from . import checkpoint
     from .evaluate import evaluate, format_report
 
-    try:
-        ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.ckpt)
-    except checkpoint.CheckpointError as e:
-        return _fail(str(e))
+    ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.ckpt)
     results = evaluate(ckpt.params, model_cfg, _test_split(model_cfg, train_cfg), tokenizer,
                        decode=not args.no_decode)
     print(f"checkpoint {args.ckpt}: step {ckpt.step}, {model_cfg.experts} experts, "
@@ -188,13 +182,9 @@ def cmd_eval(args):
 
 
 def cmd_caption(args):
-    from . import checkpoint
     from .evaluate import generate_captions
 
-    try:
-        ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.ckpt)
-    except checkpoint.CheckpointError as e:
-        return _fail(str(e))
+    ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.ckpt)
     test = _test_split(model_cfg, train_cfg)
     n = min(args.n, len(test))
     images = test.images[:n].astype(model_cfg.dtype, copy=False)      # (n, R, R, Ch)
@@ -232,15 +222,12 @@ def cmd_caption(args):
 
 
 def cmd_retrieve(args):
-    from . import checkpoint, model
+    from . import model
     from .data import to_ascii
     from .evaluate import embed_images
     from .tokenizer import PAD_ID, UNK_ID, tokenize
 
-    try:
-        ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.ckpt)
-    except checkpoint.CheckpointError as e:
-        return _fail(str(e))
+    ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.ckpt)
     if not args.caption.strip():
         return _fail("the caption must not be empty")
     try:
@@ -353,8 +340,13 @@ def build_parser():
 
 
 def main(argv=None):
+    from .checkpoint import CheckpointError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CheckpointError as e:  # a bad checkpoint or run folder: one line, exit 1
+        return _fail(str(e))
 
 
 if __name__ == "__main__":  # pragma: no cover
