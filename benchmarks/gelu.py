@@ -9,7 +9,7 @@ import time
 import numpy as np
 from scipy.special import erf
 
-from minivlmoe import gelu
+from minivlmoe.ops import gelu
 
 
 def exact_step(x, dy):

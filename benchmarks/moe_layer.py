@@ -14,7 +14,7 @@ Everything is timed interleaved in one run (dense, layer, staged layer, experts 
 dense, ...), so a busy machine slows all alike; the median and the minimum of the
 repeats are both reported (other processes only ever add time, so the minimum is the
 least disturbed estimate).
-The "staged" pass calls the same public functions as ``moe.forward``/``moe.backward``
+The "staged" pass calls the same public functions as ``moe_layer.forward``/``moe_layer.backward``
 (router, dispatch, experts, aux_losses), one stage at a time with a timer around
 each, to print the share of every part; its total is printed next to the end-to-end
 time as a consistency check.
@@ -32,7 +32,8 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from minivlmoe import aux_losses, dispatch, experts, ffn, moe, router  # noqa: E402
+from minivlmoe.ops import ffn  # noqa: E402
+from minivlmoe.moe import aux_losses, dispatch, experts, moe_layer, router  # noqa: E402
 
 STAGES = ("router", "aux losses", "plan (capacity, priority)", "dispatch", "experts",
           "combine")
@@ -52,7 +53,7 @@ class Stopwatch:
 
 
 def staged_step(x, dy, params, config):
-    """One shared-pool MoE step, stage by stage (same calls as minivlmoe/moe.py)."""
+    """One shared-pool MoE step, stage by stage (same calls as minivlmoe/moe/moe_layer.py)."""
     sw = Stopwatch()
     n, k, e = x.shape[0], config.k, config.num_experts
     routing, r_cache = router.forward(x, params["router"], k, config.renormalize)
@@ -99,11 +100,11 @@ def main():
     args = parser.parse_args()
 
     n, d, f = args.tokens, args.width, args.hidden
-    config = moe.MoEConfig(num_experts=args.experts, k=args.k,
+    config = moe_layer.MoEConfig(num_experts=args.experts, k=args.k,
                            capacity_factor=args.capacity_factor,
                            aux_weights={"load_balance": 0.01, "z_loss": 0.001})
     rng = np.random.default_rng(0)
-    params = moe.init(rng, d, f, config, dtype=np.float32)
+    params = moe_layer.init(rng, d, f, config, dtype=np.float32)
     dense_params = ffn.init(rng, d, f, dtype=np.float32)
     x = rng.standard_normal((n, d)).astype(np.float32)          # (N, D)
     dy = rng.standard_normal((n, d)).astype(np.float32)         # (N, D)
@@ -118,8 +119,8 @@ def main():
         return ffn.backward(dy, cache)
 
     def layer():
-        _, _, cache = moe.forward(x, params, config)
-        return moe.backward(dy, cache)
+        _, _, cache = moe_layer.forward(x, params, config)
+        return moe_layer.backward(dy, cache)
 
     def experts_only():
         _, cache = experts.forward(xs, plan.offsets, params["experts"])

@@ -25,7 +25,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from minivlmoe import sparse_linear  # noqa: E402
+from minivlmoe.ops import sparse_linear  # noqa: E402
 
 
 def dense_step(x, Wd, b, dy):

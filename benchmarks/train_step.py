@@ -25,8 +25,8 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from minivlmoe import (aux_losses, dispatch, experts, model, optim, router,  # noqa: E402
-                       train)
+from minivlmoe import model, optim, train
+from minivlmoe.moe import aux_losses, dispatch, experts, router
 from minivlmoe.tokenizer import PAD_ID  # noqa: E402
 
 ORDER = ("embed", "attention", "routing", "dispatch", "experts", "moe", "ffn", "losses",

@@ -65,13 +65,13 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
-from . import (attention, contrastive, cross_entropy, ffn, l2norm, layernorm, moe,
-               patch_embed, router, sparse_linear, token_embed)
+from .ops import attention, contrastive, cross_entropy, ffn, l2norm, layernorm, patch_embed, sparse_linear, token_embed
+from .moe import aux_losses, moe_layer, router
 from ._checks import check_array, check_choice, check_float, check_int
 from .gradcheck import flatten, zeros_like
 
 EXPERT_MODES = ("modality", "shared", "dense")
-IMAGE, TEXT = 0, 1           # modality ids (moe.MODALITIES order)
+IMAGE, TEXT = 0, 1           # modality ids (moe_layer.MODALITIES order)
 SEG_IMAGE, SEG_CAPTION, SEG_RETRIEVAL = 0, 1, 2
 LN_EPS = 1e-5
 _ENCODE_CHUNK = 256          # items per forward in encode_* (bounds the (B, H, S, S) memory)
@@ -101,7 +101,7 @@ class ModelConfig:
     density : stored fraction of every sparse weight row.
     embed_dim : width of the retrieval embeddings.
     load_balance, z_loss, importance, entropy_local, entropy_global : weights of the
-        auxiliary MoE losses (minivlmoe/aux_losses.py).
+        auxiliary MoE losses (minivlmoe/moe/aux_losses.py).
     min_experts : LIMoE's global-entropy threshold log(min(min_experts, E)).
     router_noise : std of the router noise in training (0 = none).
     bpr : Batch Priority Routing.   renormalize : renormalize the top-k gates.
@@ -195,8 +195,8 @@ class ModelConfig:
         return kinds
 
     def moe_config(self):
-        """The :class:`minivlmoe.moe.MoEConfig` shared by every MoE layer."""
-        return moe.MoEConfig(
+        """The :class:`minivlmoe.moe.moe_layer.MoEConfig` shared by every MoE layer."""
+        return moe_layer.MoEConfig(
             num_experts=self.num_experts, k=self.top_k, capacity_factor=self.capacity_factor,
             renormalize=bool(self.renormalize), bpr=bool(self.bpr), noise_std=self.router_noise,
             mode="modality" if self.experts == "modality" else "shared",
@@ -254,7 +254,7 @@ def init(rng, cfg):
                  "attn": attention.init(rng, D, cfg.heads, cfg.density, dt),
                  "ln2": layernorm.init(D, dt)}
         if kind == "moe":
-            block["moe"] = moe.init(rng, D, hidden, mcfg, cfg.density, dt)
+            block["moe"] = moe_layer.init(rng, D, hidden, mcfg, cfg.density, dt)
         else:
             block["ffn"] = ffn.init(rng, D, hidden, cfg.density, dt)
         params["blocks"][str(i)] = block
@@ -393,7 +393,7 @@ class BlockCache(NamedTuple):
     ------
     ln1, attn, ln2 : the layernorm / attention caches.
     kind : "ffn" or "moe".
-    mix : the ffn.Cache or moe.Cache of the FFN sublayer (on the active rows).
+    mix : the ffn.Cache or moe_layer.Cache of the FFN sublayer (on the active rows).
     """
 
     ln1: layernorm.Cache
@@ -476,7 +476,7 @@ def tower_forward(x, mask, modality, rows, params, cfg, *, rng=None, train=False
             f_in = f_in.reshape(N, D)                              # (N, D) 'b s d -> (b s) d'
             f_rows = f_in if rows is None else f_in[rows]          # (M, D) active tokens
             if kind == "moe":
-                f, aux, c_mix = moe.forward(f_rows, p["moe"], mcfg, mod_rows,
+                f, aux, c_mix = moe_layer.forward(f_rows, p["moe"], mcfg, mod_rows,
                                             rng=rng, train=train)  # (M, D)
                 aux_total += aux.aux_total
                 stats[f"blocks.{i}"] = _moe_stats(aux, _router_margin(c_mix, cfg.top_k))
@@ -516,7 +516,7 @@ def tower_backward(dh, cache, *, timer=None):
             dx1_resid = dx2                                        # (N, D) residual branch
             df = dx2 if rows is None else dx2[rows]                # (M, D) FFN branch
             if c.kind == "moe":
-                df_rows, g["moe"] = moe.backward(df, c.mix, 1.0)   # (M, D); aux weight 1
+                df_rows, g["moe"] = moe_layer.backward(df, c.mix, 1.0)   # (M, D); aux weight 1
             else:
                 df_rows, g["ffn"] = ffn.backward(df, c.mix)        # (M, D)
             if rows is None:
@@ -631,7 +631,7 @@ def forward(params, cfg, images, ids, *, pad_id, keys=None, rng=None, train=Fals
     losses["aux"] = float(aux_total)
     losses["total"] = (cfg.contrastive_weight * losses["contrastive"]
                        + cfg.caption_weight * losses["caption"] + losses["aux"])
-    for name in moe.aux_losses.AUX_LOSSES:
+    for name in aux_losses.AUX_LOSSES:
         losses[f"aux_{name}"] = float(sum(s["losses"][name] for s in stats.values()))
     stats = {"moe": stats, "temperature": float(np.exp(params["log_temp"])),
              "tokens": int(rows.size)}
@@ -821,7 +821,7 @@ def tiny_batch(rng, cfg, B=3, pad_id=0, T=None):
 
 
 # attention's key bias has an exactly-zero gradient (a row shift of the scores, see
-# minivlmoe/attention.py); its relative error is round-off over round-off, so the
+# minivlmoe/ops/attention.py); its relative error is round-off over round-off, so the
 # directional check leaves it out (tests/test_model.py checks it is ~0).
 def _excluded(path):
     return path.endswith("attn.k.b")

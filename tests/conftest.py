@@ -41,7 +41,7 @@ def rng():
 
 
 def gelu_scalar(v):
-    """The tanh-form GELU of one Python float (the definition in minivlmoe/gelu.py),
+    """The tanh-form GELU of one Python float (the definition in minivlmoe/ops/gelu.py),
     for naive loop references."""
     import math
 

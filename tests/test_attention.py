@@ -1,11 +1,11 @@
-"""Tests for minivlmoe.attention: masks, multi-head attention forward and backward."""
+"""Tests for minivlmoe.ops.attention: masks, multi-head attention forward and backward."""
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minivlmoe import attention
+from minivlmoe.ops import attention
 from minivlmoe.gradcheck import GradcheckCase, assert_gradients
 
 from conftest import readonly

@@ -1,4 +1,4 @@
-"""Tests of minivlmoe.aux_losses: gradient checks, naive loop references, properties,
+"""Tests of minivlmoe.moe.aux_losses: gradient checks, naive loop references, properties,
 edge cases (N = 0, exact zeros, |logits| = 500) and bad input."""
 
 import math
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minivlmoe import aux_losses as aux
+from minivlmoe.moe import aux_losses as aux
 from minivlmoe.gradcheck import GradcheckCase, assert_gradients, check_case
 
 SEEDS = st.integers(0, 2**32 - 1)

@@ -10,7 +10,8 @@ import scipy.sparse as sp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minivlmoe import checkpoint, optim, sparse_linear
+from minivlmoe import checkpoint, optim
+from minivlmoe.ops import sparse_linear
 from minivlmoe.checkpoint import CheckpointError
 from minivlmoe.gradcheck import flatten
 

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minivlmoe import contrastive
-from minivlmoe.contrastive import LOG_TEMP_INIT, duplicate_positives
+from minivlmoe.ops import contrastive
+from minivlmoe.ops.contrastive import LOG_TEMP_INIT, duplicate_positives
 from minivlmoe.gradcheck import GradcheckCase, assert_gradients
 
 from conftest import readonly

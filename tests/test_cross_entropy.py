@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minivlmoe import cross_entropy
+from minivlmoe.ops import cross_entropy
 from minivlmoe.gradcheck import GradcheckCase, assert_gradients
 
 from conftest import readonly

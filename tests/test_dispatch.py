@@ -1,4 +1,4 @@
-"""Tests for minivlmoe/dispatch.py: capacity, priority, the plan, dispatch and combine."""
+"""Tests for minivlmoe/moe/dispatch.py: capacity, priority, the plan, dispatch and combine."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minivlmoe import dispatch
+from minivlmoe.moe import dispatch
 from minivlmoe.gradcheck import GradcheckCase, assert_gradients
 
 SEEDS = st.integers(0, 2**32 - 1)

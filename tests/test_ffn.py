@@ -1,4 +1,4 @@
-"""Tests for minivlmoe/ffn.py: the two-layer FFN (sparse linear -> GELU -> sparse linear)."""
+"""Tests for minivlmoe/ops/ffn.py: the two-layer FFN (sparse linear -> GELU -> sparse linear)."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import gelu_scalar
-from minivlmoe import ffn
+from minivlmoe.ops import ffn
 from minivlmoe.gradcheck import GradcheckCase, assert_gradients
 
 SEEDS = st.integers(0, 2**32 - 1)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minivlmoe import gelu
+from minivlmoe.ops import gelu
 from minivlmoe.gradcheck import GradcheckCase, assert_gradients
 
 from conftest import readonly

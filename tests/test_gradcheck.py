@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from minivlmoe import gelu, sparse_linear
+from minivlmoe.ops import gelu, sparse_linear
 from minivlmoe.gradcheck import (GradcheckCase, assert_gradients, check_case, rel_errors,
                                   roundoff_floor)
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minivlmoe import layernorm
+from minivlmoe.ops import layernorm
 from minivlmoe.gradcheck import GradcheckCase, assert_gradients
 
 from conftest import readonly

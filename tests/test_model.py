@@ -276,7 +276,7 @@ def naive_linear(v, p):
 
 
 def naive_gelu(a):
-    """The tanh form of minivlmoe/gelu.py."""
+    """The tanh form of minivlmoe/ops/gelu.py."""
     return 0.5 * a * (1 + math.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a ** 3)))
 
 

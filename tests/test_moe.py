@@ -1,4 +1,4 @@
-"""Tests for minivlmoe/moe.py and minivlmoe/experts.py: the whole sparse MoE layer."""
+"""Tests for minivlmoe/moe/moe_layer.py and minivlmoe/moe/experts.py: the whole sparse MoE layer."""
 
 import math
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import gelu_scalar
-from minivlmoe import aux_losses, experts, moe
+from minivlmoe.moe import aux_losses, experts, moe_layer
 from minivlmoe.gradcheck import GradcheckCase, assert_gradients
 
 SEEDS = st.integers(0, 2**32 - 1)
@@ -23,13 +23,13 @@ def layer_case(x, params, config, modality, noise_seed=None):
 
     def fwd(a):
         rng = None if noise_seed is None else np.random.default_rng(noise_seed)
-        y, aux, cache = moe.forward(a["x"], a["params"], config, modality, rng=rng,
+        y, aux, cache = moe_layer.forward(a["x"], a["params"], config, modality, rng=rng,
                                     train=noise_seed is not None)
         return np.concatenate([y.ravel(), [aux.aux_total]]), cache
 
     def bwd(dout, cache):
         dy = dout[:-1].reshape(cache.shape)                       # (N, D)
-        return dict(zip(("x", "params"), moe.backward(dy, cache, dout[-1])))
+        return dict(zip(("x", "params"), moe_layer.backward(dy, cache, dout[-1])))
 
     return GradcheckCase("moe", {"x": x, "params": params}, fwd, bwd)
 
@@ -42,9 +42,9 @@ def plans(cache):
 def assert_same_routing(config, modality, x, params, x2, noise_seed=None):
     """Routing decisions (choices and drops) are identical at x and x2."""
     kw = {} if noise_seed is None else dict(rng=np.random.default_rng(noise_seed), train=True)
-    p1 = plans(moe.forward(x, params, config, modality, **kw)[2])
+    p1 = plans(moe_layer.forward(x, params, config, modality, **kw)[2])
     kw = {} if noise_seed is None else dict(rng=np.random.default_rng(noise_seed), train=True)
-    p2 = plans(moe.forward(x2, params, config, modality, **kw)[2])
+    p2 = plans(moe_layer.forward(x2, params, config, modality, **kw)[2])
     for name in p1:
         np.testing.assert_array_equal(p1[name].experts, p2[name].experts)
         np.testing.assert_array_equal(p1[name].kept, p2[name].kept)
@@ -68,11 +68,11 @@ def test_gradients_every_option(k, renormalize, drops, bpr, mode):
     """E = 3, N = 8 (4 per modality).  capacity_factor 0.5 drops by pigeonhole:
     E * ceil(0.5 K N / E) < K N.  Router noise is on (train=True)."""
     rng = np.random.default_rng(GRID.index((k, renormalize, drops, bpr, mode)))
-    config = moe.MoEConfig(num_experts=3, k=k, capacity_factor=0.5 if drops else None,
+    config = moe_layer.MoEConfig(num_experts=3, k=k, capacity_factor=0.5 if drops else None,
                            renormalize=renormalize, bpr=bpr, mode=mode, min_experts=3,
                            aux_weights=ALL_AUX, noise_std=0.2)
-    x, params = moe.separated_inputs(rng, config, N, 3, 2, ALTERNATING, noise_seed=1)
-    y, aux, _ = moe.forward(x, params, config, ALTERNATING, rng=np.random.default_rng(1),
+    x, params = moe_layer.separated_inputs(rng, config, N, 3, 2, ALTERNATING, noise_seed=1)
+    y, aux, _ = moe_layer.forward(x, params, config, ALTERNATING, rng=np.random.default_rng(1),
                             train=True)
     assert (aux.dropped_fraction > 0) == drops                  # the case is what it says
     assert aux.losses["entropy_global"] > 0                     # the hinge is active
@@ -87,7 +87,7 @@ def layer_setup(draw):
     rng = np.random.default_rng(draw(SEEDS))
     e = draw(st.integers(1, 4))
     mode = draw(st.sampled_from(["shared", "modality"]))
-    config = moe.MoEConfig(num_experts=e, k=draw(st.integers(1, e)),
+    config = moe_layer.MoEConfig(num_experts=e, k=draw(st.integers(1, e)),
                            capacity_factor=draw(st.sampled_from([None, 0.5, 1.0, 1.5])),
                            renormalize=draw(st.booleans()), bpr=draw(st.booleans()),
                            mode=mode, min_experts=draw(st.integers(1, e)),
@@ -98,7 +98,7 @@ def layer_setup(draw):
     modality = None
     if mode == "modality" or draw(st.booleans()):
         modality = rng.integers(0, 2, size=n)
-    x, params = moe.separated_inputs(rng, config, n, d, hidden, modality)
+    x, params = moe_layer.separated_inputs(rng, config, n, d, hidden, modality)
     return rng, x, params, config, modality
 
 
@@ -156,14 +156,14 @@ def naive_pool(x, pool, config):
 @given(layer_setup())
 def test_forward_matches_naive_loop_including_drops(setup):
     rng, x, params, config, modality = setup
-    y, aux, cache = moe.forward(x, params, config, modality)
+    y, aux, cache = moe_layer.forward(x, params, config, modality)
     got = plans(cache)
     if config.mode == "shared":
         want, kept = naive_pool(x, params, config)
         np.testing.assert_array_equal(got["shared"].kept, kept)
     else:
         want = np.zeros_like(x)
-        for m, name in enumerate(moe.MODALITIES):
+        for m, name in enumerate(moe_layer.MODALITIES):
             idx = np.flatnonzero(modality == m)
             if idx.size:
                 want[idx], kept = naive_pool(x[idx], params[name], config)
@@ -178,7 +178,7 @@ def test_forward_matches_naive_loop_including_drops(setup):
 @given(layer_setup())
 def test_stats_and_capacity(setup):
     rng, x, params, config, modality = setup
-    y, aux, cache = moe.forward(x, params, config, modality)
+    y, aux, cache = moe_layer.forward(x, params, config, modality)
     total_kept = 0
     for name, plan in plans(cache).items():
         s = aux.stats[name]
@@ -200,12 +200,12 @@ def test_dropped_tokens_and_idle_experts_get_exactly_zero(setup):
     """A fully dropped token: y row 0 and (without aux losses) dx row 0; an expert that
     got no token: all-zero gradients."""
     rng, x, params, config, modality = setup
-    config = moe.MoEConfig(**{**config.__dict__, "aux_weights": NO_AUX})
-    y, aux, cache = moe.forward(x, params, config, modality)
-    dx, grads = moe.backward(rng.standard_normal(y.shape), cache, daux_total=0.0)
+    config = moe_layer.MoEConfig(**{**config.__dict__, "aux_weights": NO_AUX})
+    y, aux, cache = moe_layer.forward(x, params, config, modality)
+    dx, grads = moe_layer.backward(rng.standard_normal(y.shape), cache, daux_total=0.0)
     pools = ([("shared", np.arange(len(x)), grads)] if config.mode == "shared" else
              [(name, np.flatnonzero(modality == m), grads[name])
-              for m, name in enumerate(moe.MODALITIES)])
+              for m, name in enumerate(moe_layer.MODALITIES)])
     p = plans(cache)
     for name, idx, g in pools:
         if name not in p:
@@ -233,9 +233,9 @@ def test_permuting_experts_with_their_weights_leaves_the_output_unchanged(setup)
         return out
 
     params2 = (permuted(params) if config.mode == "shared" else
-               {name: permuted(params[name]) for name in moe.MODALITIES})
-    y, aux, _ = moe.forward(x, params, config, modality)
-    y2, aux2, _ = moe.forward(x, params2, config, modality)
+               {name: permuted(params[name]) for name in moe_layer.MODALITIES})
+    y, aux, _ = moe_layer.forward(x, params, config, modality)
+    y2, aux2, _ = moe_layer.forward(x, params2, config, modality)
     np.testing.assert_allclose(y2, y, rtol=1e-10, atol=1e-12)
     assert math.isclose(aux2.aux_total, aux.aux_total, rel_tol=1e-9, abs_tol=1e-12)
 
@@ -243,10 +243,10 @@ def test_permuting_experts_with_their_weights_leaves_the_output_unchanged(setup)
 @given(layer_setup())
 def test_dropless_permuting_tokens_permutes_the_output(setup):
     rng, x, params, config, modality = setup
-    config = moe.MoEConfig(**{**config.__dict__, "capacity_factor": None})
+    config = moe_layer.MoEConfig(**{**config.__dict__, "capacity_factor": None})
     perm = rng.permutation(len(x))
-    y, _, _ = moe.forward(x, params, config, modality)
-    y2, _, _ = moe.forward(x[perm], params, config, None if modality is None else modality[perm])
+    y, _, _ = moe_layer.forward(x, params, config, modality)
+    y2, _, _ = moe_layer.forward(x[perm], params, config, None if modality is None else modality[perm])
     np.testing.assert_allclose(y2, y[perm], rtol=1e-12, atol=1e-13)
 
 
@@ -259,19 +259,19 @@ def test_adding_a_constant_to_all_logits_changes_no_output(setup, shift):
                 "experts": pool["experts"]}
 
     params2 = (shifted(params) if config.mode == "shared" else
-               {name: shifted(params[name]) for name in moe.MODALITIES})
-    y, _, _ = moe.forward(x, params, config, modality)
-    y2, _, _ = moe.forward(x, params2, config, modality)
+               {name: shifted(params[name]) for name in moe_layer.MODALITIES})
+    y, _, _ = moe_layer.forward(x, params, config, modality)
+    y2, _, _ = moe_layer.forward(x, params2, config, modality)
     np.testing.assert_allclose(y2, y, rtol=1e-9, atol=1e-12)
 
 
 @given(layer_setup())
 def test_bpr_changes_only_which_tokens_are_dropped(setup):
     rng, x, params, config, modality = setup
-    on = moe.MoEConfig(**{**config.__dict__, "bpr": True})
-    off = moe.MoEConfig(**{**config.__dict__, "bpr": False})
-    y1, aux1, c1 = moe.forward(x, params, on, modality)
-    y0, aux0, c0 = moe.forward(x, params, off, modality)
+    on = moe_layer.MoEConfig(**{**config.__dict__, "bpr": True})
+    off = moe_layer.MoEConfig(**{**config.__dict__, "bpr": False})
+    y1, aux1, c1 = moe_layer.forward(x, params, on, modality)
+    y0, aux0, c0 = moe_layer.forward(x, params, off, modality)
     p1, p0 = plans(c1), plans(c0)
     same_rows = np.ones(len(x), dtype=bool)
     for name in p1:
@@ -281,7 +281,7 @@ def test_bpr_changes_only_which_tokens_are_dropped(setup):
         if config.mode == "shared":
             same_rows &= rows
         else:
-            same_rows[np.flatnonzero(modality == moe.MODALITIES.index(name))] = rows
+            same_rows[np.flatnonzero(modality == moe_layer.MODALITIES.index(name))] = rows
     np.testing.assert_allclose(y1[same_rows], y0[same_rows], rtol=1e-12, atol=1e-13)
     assert aux1.losses == aux0.losses                           # losses see choices, not drops
     if config.capacity_factor is None:
@@ -291,11 +291,11 @@ def test_bpr_changes_only_which_tokens_are_dropped(setup):
 @given(seed=SEEDS, e=st.integers(1, 4), n=st.integers(1, 6))
 def test_k_equal_e_dropless_is_the_dense_softmax_mixture(seed, e, n):
     rng = np.random.default_rng(seed)
-    config = moe.MoEConfig(num_experts=e, k=e, capacity_factor=None,
+    config = moe_layer.MoEConfig(num_experts=e, k=e, capacity_factor=None,
                            renormalize=bool(rng.integers(2)))
-    params = moe.init(rng, 3, 4, config, dtype=np.float64)
+    params = moe_layer.init(rng, 3, 4, config, dtype=np.float64)
     x = rng.standard_normal((n, 3))
-    y, _, _ = moe.forward(x, params, config)
+    y, _, _ = moe_layer.forward(x, params, config)
     logits = x @ params["router"]["W"].toarray().T + params["router"]["b"]
     p = np.exp(logits - logits.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
@@ -307,25 +307,25 @@ def test_k_equal_e_dropless_is_the_dense_softmax_mixture(seed, e, n):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_logits_of_magnitude_500_give_no_nan(dtype):
     rng = np.random.default_rng(0)
-    config = moe.MoEConfig(num_experts=4, k=2, aux_weights=ALL_AUX)
-    x, params = moe.separated_inputs(rng, config, 6, 5, 3, dtype=dtype)
+    config = moe_layer.MoEConfig(num_experts=4, k=2, aux_weights=ALL_AUX)
+    x, params = moe_layer.separated_inputs(rng, config, 6, 5, 3, dtype=dtype)
     params["router"]["b"] = (500.0 * np.sign(rng.standard_normal(4))).astype(dtype)
     params["router"]["W"].data *= 300
-    y, aux, cache = moe.forward(x, params, config)
+    y, aux, cache = moe_layer.forward(x, params, config)
     assert np.abs(cache.pools[0][2].router.softmax.p).max() <= 1
-    dx, grads = moe.backward(np.ones_like(y), cache)
+    dx, grads = moe_layer.backward(np.ones_like(y), cache)
     for a in (y, dx, grads["router"]["W"].data, [aux.aux_total]):
         assert np.all(np.isfinite(a))
 
 
 def test_float32_in_float32_out():
     rng = np.random.default_rng(0)
-    config = moe.MoEConfig(num_experts=4, k=2, mode="modality")
-    params = moe.init(rng, 6, 8, config)
+    config = moe_layer.MoEConfig(num_experts=4, k=2, mode="modality")
+    params = moe_layer.init(rng, 6, 8, config)
     x = rng.standard_normal((10, 6)).astype(np.float32)
     modality = np.array([0, 1] * 5)
-    y, aux, cache = moe.forward(x, params, config, modality)
-    dx, grads = moe.backward(np.ones_like(y), cache)
+    y, aux, cache = moe_layer.forward(x, params, config, modality)
+    dx, grads = moe_layer.backward(np.ones_like(y), cache)
     assert y.dtype == dx.dtype == np.float32
     assert grads["text"]["experts"]["e3"]["fc2"]["W"].dtype == np.float32
     assert isinstance(aux.aux_total, float)
@@ -333,47 +333,47 @@ def test_float32_in_float32_out():
 
 def test_noise_only_in_training_and_only_from_the_generator():
     rng = np.random.default_rng(0)
-    config = moe.MoEConfig(num_experts=4, k=2, noise_std=0.5)
-    params = moe.init(rng, 5, 6, config, dtype=np.float64)
+    config = moe_layer.MoEConfig(num_experts=4, k=2, noise_std=0.5)
+    params = moe_layer.init(rng, 5, 6, config, dtype=np.float64)
     x = rng.standard_normal((9, 5))
-    clean, _, _ = moe.forward(x, params, config)
-    eval_, _, _ = moe.forward(x, params, config, rng=np.random.default_rng(1), train=False)
+    clean, _, _ = moe_layer.forward(x, params, config)
+    eval_, _, _ = moe_layer.forward(x, params, config, rng=np.random.default_rng(1), train=False)
     np.testing.assert_array_equal(eval_, clean)                 # no noise at evaluation
-    a, _, _ = moe.forward(x, params, config, rng=np.random.default_rng(1), train=True)
-    b, _, _ = moe.forward(x, params, config, rng=np.random.default_rng(1), train=True)
+    a, _, _ = moe_layer.forward(x, params, config, rng=np.random.default_rng(1), train=True)
+    b, _, _ = moe_layer.forward(x, params, config, rng=np.random.default_rng(1), train=True)
     np.testing.assert_array_equal(a, b)                         # pure given the generator
     assert not np.allclose(a, clean)
     with pytest.raises(ValueError, match="rng must be a numpy.random.Generator"):
-        moe.forward(x, params, config, train=True)
+        moe_layer.forward(x, params, config, train=True)
 
 
 def test_modality_pools_route_each_modality_to_its_own_experts():
     rng = np.random.default_rng(0)
-    config = moe.MoEConfig(num_experts=3, k=1, mode="modality")
-    params = moe.init(rng, 4, 5, config, dtype=np.float64)
+    config = moe_layer.MoEConfig(num_experts=3, k=1, mode="modality")
+    params = moe_layer.init(rng, 4, 5, config, dtype=np.float64)
     x = rng.standard_normal((7, 4))
     modality = np.array([0, 0, 1, 0, 1, 1, 1])
-    y, aux, cache = moe.forward(x, params, config, modality)
-    yt, _, _ = moe.forward(x[modality == 1], params["text"],
-                           moe.MoEConfig(num_experts=3, k=1), None)
+    y, aux, cache = moe_layer.forward(x, params, config, modality)
+    yt, _, _ = moe_layer.forward(x[modality == 1], params["text"],
+                           moe_layer.MoEConfig(num_experts=3, k=1), None)
     np.testing.assert_allclose(y[modality == 1], yt, rtol=1e-12)
     assert aux.stats["image"].usage[1].sum() == 0 and aux.stats["text"].usage[0].sum() == 0
     assert aux.stats["image"].load.sum() == 3 and aux.stats["text"].load.sum() == 4
     # a batch without images: the image pool is idle and gets zero gradients
-    y, aux, cache = moe.forward(x, params, config, np.ones(7, dtype=int))
-    _, grads = moe.backward(np.ones_like(y), cache)
+    y, aux, cache = moe_layer.forward(x, params, config, np.ones(7, dtype=int))
+    _, grads = moe_layer.backward(np.ones_like(y), cache)
     assert not grads["image"]["experts"]["e0"]["fc1"]["W"].data.any()
     assert aux.stats["image"].load.sum() == 0
 
 
 def test_shared_mode_splits_entropy_losses_by_modality():
     rng = np.random.default_rng(0)
-    config = moe.MoEConfig(num_experts=4, k=1, min_experts=4, capacity_factor=None,
+    config = moe_layer.MoEConfig(num_experts=4, k=1, min_experts=4, capacity_factor=None,
                            aux_weights={"entropy_local": 1.0, "entropy_global": 1.0})
-    params = moe.init(rng, 5, 6, config, dtype=np.float64)
+    params = moe_layer.init(rng, 5, 6, config, dtype=np.float64)
     x = rng.standard_normal((8, 5))
     modality = np.array([0, 0, 0, 1, 1, 1, 1, 1])
-    _, aux, cache = moe.forward(x, params, config, modality)
+    _, aux, cache = moe_layer.forward(x, params, config, modality)
     probs = cache.pools[0][2].router.softmax.p
     want_local = sum(aux_losses.entropy_local_forward(probs[modality == m])[0] for m in (0, 1))
     want_global = sum(aux_losses.entropy_global_forward(probs[modality == m], math.log(4))[0]
@@ -411,41 +411,41 @@ def test_experts_loop_matches_one_ffn_per_block():
 ])
 def test_bad_config_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        moe.MoEConfig(**kwargs)
+        moe_layer.MoEConfig(**kwargs)
 
 
 def test_bad_forward_input_names_the_argument():
     rng = np.random.default_rng(0)
-    shared = moe.MoEConfig(num_experts=3, k=1)
-    split = moe.MoEConfig(num_experts=3, k=1, mode="modality")
-    p_shared = moe.init(rng, 4, 5, shared, dtype=np.float64)
-    p_split = moe.init(rng, 4, 5, split, dtype=np.float64)
+    shared = moe_layer.MoEConfig(num_experts=3, k=1)
+    split = moe_layer.MoEConfig(num_experts=3, k=1, mode="modality")
+    p_shared = moe_layer.init(rng, 4, 5, shared, dtype=np.float64)
+    p_split = moe_layer.init(rng, 4, 5, split, dtype=np.float64)
     x = rng.standard_normal((6, 4))
     with pytest.raises(ValueError, match=r"modality must have shape \(6,\)"):
-        moe.forward(x, p_shared, shared, np.zeros(5, dtype=int))
+        moe_layer.forward(x, p_shared, shared, np.zeros(5, dtype=int))
     with pytest.raises(ValueError, match="modality must contain only 0 .image. and 1 .text."):
-        moe.forward(x, p_split, split, np.array([0, 1, 2, 0, 1, 0]))
+        moe_layer.forward(x, p_split, split, np.array([0, 1, 2, 0, 1, 0]))
     with pytest.raises(ValueError, match="modality must be given"):
-        moe.forward(x, p_split, split)
+        moe_layer.forward(x, p_split, split)
     with pytest.raises(TypeError, match="modality must have an integer dtype"):
-        moe.forward(x, p_split, split, np.zeros(6))
+        moe_layer.forward(x, p_split, split, np.zeros(6))
     with pytest.raises(ValueError, match="rng must be a numpy.random.Generator"):
-        moe.forward(x, p_shared, moe.MoEConfig(num_experts=3, k=1, noise_std=0.3), train=True)
+        moe_layer.forward(x, p_shared, moe_layer.MoEConfig(num_experts=3, k=1, noise_std=0.3), train=True)
     with pytest.raises(ValueError, match=r"router W must have shape \(3, 5\)"):
-        moe.forward(rng.standard_normal((6, 5)), p_shared, shared)
+        moe_layer.forward(rng.standard_normal((6, 5)), p_shared, shared)
     with pytest.raises(TypeError, match="x must have the dtype"):
-        moe.forward(x.astype(np.float32), p_shared, shared)
+        moe_layer.forward(x.astype(np.float32), p_shared, shared)
     with pytest.raises(ValueError, match="dy must have shape"):
-        moe.backward(np.zeros((5, 4)), moe.forward(x, p_shared, shared)[2])
+        moe_layer.backward(np.zeros((5, 4)), moe_layer.forward(x, p_shared, shared)[2])
 
 
 @pytest.mark.parametrize("mode", ["shared", "modality"])
 def test_no_tokens(mode):
     rng = np.random.default_rng(0)
-    config = moe.MoEConfig(num_experts=3, k=2, mode=mode, aux_weights=ALL_AUX)
-    params = moe.init(rng, 4, 5, config, dtype=np.float64)
-    y, aux, cache = moe.forward(np.zeros((0, 4)), params, config, np.zeros(0, dtype=int))
-    dx, grads = moe.backward(np.zeros((0, 4)), cache)
+    config = moe_layer.MoEConfig(num_experts=3, k=2, mode=mode, aux_weights=ALL_AUX)
+    params = moe_layer.init(rng, 4, 5, config, dtype=np.float64)
+    y, aux, cache = moe_layer.forward(np.zeros((0, 4)), params, config, np.zeros(0, dtype=int))
+    dx, grads = moe_layer.backward(np.zeros((0, 4)), cache)
     assert y.shape == dx.shape == (0, 4) and aux.aux_total == 0.0
     router_grad = grads["router"] if mode == "shared" else grads["text"]["router"]
     assert not router_grad["W"].data.any()

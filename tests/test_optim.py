@@ -8,7 +8,8 @@ import scipy.sparse as sp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minivlmoe import optim, sparse_linear
+from minivlmoe import optim
+from minivlmoe.ops import sparse_linear
 from minivlmoe.gradcheck import flatten, tree_map
 from minivlmoe.optim import AdamWConfig
 

@@ -1,11 +1,11 @@
-"""Tests for minivlmoe.patch_embed: patch extraction, the embedding forward and backward."""
+"""Tests for minivlmoe.ops.patch_embed: patch extraction, the embedding forward and backward."""
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minivlmoe import patch_embed
+from minivlmoe.ops import patch_embed
 from minivlmoe.gradcheck import GradcheckCase, assert_gradients
 
 from conftest import readonly

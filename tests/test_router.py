@@ -1,4 +1,4 @@
-"""Tests for minivlmoe/router.py: logits, softmax, top-k choice and the two gate conventions."""
+"""Tests for minivlmoe/moe/router.py: logits, softmax, top-k choice and the two gate conventions."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minivlmoe import router
+from minivlmoe.moe import router
 from minivlmoe.gradcheck import GradcheckCase, assert_gradients
 
 SEEDS = st.integers(0, 2**32 - 1)

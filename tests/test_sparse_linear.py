@@ -6,7 +6,7 @@ import scipy.sparse as sp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minivlmoe import sparse_linear
+from minivlmoe.ops import sparse_linear
 from minivlmoe.gradcheck import GradcheckCase, assert_gradients
 
 DENSITIES = st.sampled_from([0.01, 0.05, 0.2, 0.5, 1.0])

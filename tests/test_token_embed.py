@@ -1,11 +1,11 @@
-"""Tests for minivlmoe.token_embed: the lookup and its scatter-add backward."""
+"""Tests for minivlmoe.ops.token_embed: the lookup and its scatter-add backward."""
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minivlmoe import token_embed
+from minivlmoe.ops import token_embed
 from minivlmoe.gradcheck import GradcheckCase, assert_gradients
 
 from conftest import readonly

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._checks import check_array, check_int, check_same_dtype
+from .._checks import check_array, check_int, check_same_dtype
 
 
 def init(rng, vocab, max_len, d, dtype=np.float32):
@@ -119,7 +119,7 @@ def backward(dx, cache):
 
 def gradcheck_cases(rng):
     """One small float64 case with repeated ids and T < Tmax."""
-    from .gradcheck import GradcheckCase
+    from ..gradcheck import GradcheckCase
 
     params = init(rng, 5, 6, 3, dtype=np.float64)
     ids = np.array([[1, 3, 1, 1], [0, 3, 4, 1]])                  # (B=2, T=4), repeats

@@ -14,7 +14,7 @@ so that ``y[n] = sum_{j kept} g[n, j] FFN_{top[n, j]}(x[n])``.  ``y`` holds only
 expert mixture: the model adds the residual, which is what carries a token whose
 assignments were all dropped (its ``y`` row is exactly 0).
 
-Auxiliary losses (minivlmoe/aux_losses.py) are computed from the same ``p`` and
+Auxiliary losses (minivlmoe/moe/aux_losses.py) are computed from the same ``p`` and
 logits the router decided with, per pool, and summed over pools; LIMoE's entropy
 losses are computed per modality group inside each pool and summed over the groups.
 ``aux_total = sum_name aux_weights[name] * losses[name]``.
@@ -48,8 +48,8 @@ from typing import Mapping, NamedTuple
 import numpy as np
 
 from . import aux_losses, dispatch, experts, router
-from ._checks import check_array, check_choice, check_float, check_int, check_same_dtype
-from .gradcheck import zeros_like
+from .._checks import check_array, check_choice, check_float, check_int, check_same_dtype
+from ..gradcheck import zeros_like
 
 MODALITIES = ("image", "text")  # modality id 0 and 1
 DEFAULT_AUX_WEIGHTS = {"load_balance": 0.01, "importance": 0.0, "z_loss": 0.001,
@@ -460,7 +460,7 @@ def separated_inputs(rng, config, n, d, hidden, modality=None, *, noise_seed=Non
 def gradcheck_cases(rng):
     """Float64 cases of the whole layer.  The checked output is ``[y.ravel(),
     aux_total]``, so the task path and every auxiliary-loss path are checked."""
-    from .gradcheck import GradcheckCase
+    from ..gradcheck import GradcheckCase
 
     all_aux = {name: 0.1 for name in aux_losses.AUX_LOSSES}
     settings = [

@@ -50,7 +50,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._checks import check_array, check_float, check_int
+from .._checks import check_array, check_float, check_int
 
 AUX_LOSSES = ("load_balance", "importance", "z_loss", "entropy_local", "entropy_global")
 
@@ -384,7 +384,7 @@ def _top_k_indicator(probs, k):
 def gradcheck_cases(rng):
     """Small float64 cases, one per loss (two for the hinge: active and inactive).
     ``probs`` are softmax outputs of random logits, checked as free inputs."""
-    from .gradcheck import GradcheckCase
+    from ..gradcheck import GradcheckCase
 
     n_tokens, n_experts, k = 5, 4, 2
     probs = _softmax(1.5 * rng.standard_normal((n_tokens, n_experts)))  # (N, E)

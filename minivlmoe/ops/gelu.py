@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._checks import check_array
+from .._checks import check_array
 
 C = float(np.sqrt(2.0 / np.pi))  # a Python float: a NumPy float64 scalar would promote float32 arrays
 A = 0.044715
@@ -81,7 +81,7 @@ def backward(dout, cache):
 
 def gradcheck_cases(rng):
     """One small float64 case for the CLI report."""
-    from .gradcheck import GradcheckCase
+    from ..gradcheck import GradcheckCase
 
     return [GradcheckCase("gelu", {"x": 2.0 * rng.standard_normal((3, 7))},
                           lambda a: forward(a["x"]),

@@ -44,8 +44,8 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
-from . import softmax, sparse_linear
-from ._checks import check_array, check_float, check_same_dtype
+from ..ops import softmax, sparse_linear
+from .._checks import check_array, check_float, check_same_dtype
 
 
 def init(rng, d, num_experts, density=1.0, dtype=np.float32):
@@ -256,7 +256,7 @@ def inputs_for_logits(rng, logits, params):
 def gradcheck_cases(rng):
     """Float64 router cases (k, convention); the checked output is the concatenation
     ``[gates, probs, logits]`` so one case exercises all three upstream paths."""
-    from .gradcheck import GradcheckCase
+    from ..gradcheck import GradcheckCase
 
     cases = []
     n, d, e = 6, 5, 4

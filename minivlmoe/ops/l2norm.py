@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._checks import check_array, check_float
+from .._checks import check_array, check_float
 
 
 class Cache(NamedTuple):
@@ -90,7 +90,7 @@ def backward(dy, cache):
 
 def gradcheck_cases(rng):
     """Small float64 cases: ordinary rows, and a mix of normalized and clamped rows."""
-    from .gradcheck import GradcheckCase
+    from ..gradcheck import GradcheckCase
 
     x = rng.standard_normal((3, 5))
     mixed = rng.standard_normal((4, 3))

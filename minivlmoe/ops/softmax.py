@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._checks import check_array, check_int
+from .._checks import check_array, check_int
 
 
 def _check_logits(name, x, axis):
@@ -118,7 +118,7 @@ def backward(dp, cache):
 
 def gradcheck_cases(rng):
     """Small float64 cases: the last axis, a middle axis, and -inf (masked) entries."""
-    from .gradcheck import GradcheckCase
+    from ..gradcheck import GradcheckCase
 
     def case(name, x, axis):
         return GradcheckCase(name, {"x": x},

@@ -57,7 +57,7 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
-from ._checks import check_array, check_csr, check_float, check_int, check_same_dtype
+from .._checks import check_array, check_csr, check_float, check_int, check_same_dtype
 
 DENSE_ABOVE = 0.075
 GATHER_BELOW = 0.02
@@ -266,7 +266,7 @@ def backward(dy, cache):
 
 def gradcheck_cases(rng):
     """Small float64 cases for ``python -m minivlmoe gradcheck``: one per kernel path."""
-    from .gradcheck import GradcheckCase
+    from ..gradcheck import GradcheckCase
 
     cases = []
     for name, density, d_in, d_out, group in (("dense path", 1.0, 5, 4, 16),

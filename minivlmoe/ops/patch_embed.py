@@ -34,7 +34,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import sparse_linear
-from ._checks import check_array, check_int, check_same_dtype, check_shape
+from .._checks import check_array, check_int, check_same_dtype, check_shape
 
 
 def _check_patch(patch, image_size):
@@ -105,7 +105,7 @@ def init(rng, image_size, patch, channels, d, density=1.0, dtype=np.float32):
     """Create ``{"proj": sparse linear (D, patch*patch*Ch), "cls": (D,), "pos": (1+P, D)}``.
 
     ``cls`` and ``pos`` are drawn from N(0, 0.02²) (as in BERT/ViT); ``proj`` is a
-    :func:`minivlmoe.sparse_linear.init` layer at the given density.
+    :func:`minivlmoe.ops.sparse_linear.init` layer at the given density.
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
@@ -200,7 +200,7 @@ def backward(dtokens, cache):
 
 def gradcheck_cases(rng):
     """Small float64 cases for ``python -m minivlmoe gradcheck``: dense and sparse projection."""
-    from .gradcheck import GradcheckCase
+    from ..gradcheck import GradcheckCase
 
     cases = []
     for density, R, p, Ch, d in ((1.0, 4, 2, 3, 5), (0.3, 6, 3, 2, 4)):

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._checks import check_array, check_float, check_int, check_same_dtype
+from .._checks import check_array, check_float, check_int, check_same_dtype
 
 
 def init(d, dtype=np.float32):
@@ -117,7 +117,7 @@ def backward(dy, cache):
 
 def gradcheck_cases(rng):
     """Small float64 cases: (N, D) and (B, S, D) with non-trivial gamma and beta."""
-    from .gradcheck import GradcheckCase
+    from ..gradcheck import GradcheckCase
 
     cases = []
     for shape in ((4, 6), (2, 3, 5)):

@@ -50,7 +50,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import sparse_linear
-from ._checks import check_array, check_int, check_same_dtype
+from .._checks import check_array, check_int, check_same_dtype
 
 PROJECTIONS = ("q", "k", "v", "o")
 
@@ -259,7 +259,7 @@ def backward(dy, cache):
 
 def gradcheck_cases(rng):
     """Small float64 cases: full, key-padding (one item fully padded), causal, prefix-causal."""
-    from .gradcheck import GradcheckCase
+    from ..gradcheck import GradcheckCase
 
     B, S, D, H = 2, 5, 6, 2
     valid = np.array([[True, True, True, False, False], [False] * S])   # (B, S)

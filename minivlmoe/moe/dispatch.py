@@ -54,7 +54,7 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
-from ._checks import check_array, check_float, check_int
+from .._checks import check_array, check_float, check_int
 
 
 def capacity(num_tokens, num_experts, k, capacity_factor):
@@ -309,7 +309,7 @@ def combine_backward(dy, cache):
 
 def gradcheck_cases(rng):
     """Float64 dispatch and combine cases on a plan with drops (the plan is fixed)."""
-    from .gradcheck import GradcheckCase
+    from ..gradcheck import GradcheckCase
 
     n, k, e, d = 7, 2, 3, 4
     experts = np.argsort(rng.random((n, e)), axis=1)[:, :k]      # (N, K) distinct per row

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._checks import check_array, check_int
+from .._checks import check_array, check_int
 from .softmax import logsumexp
 
 
@@ -114,7 +114,7 @@ def backward(dloss, cache):
 
 def gradcheck_cases(rng):
     """Small float64 cases: with some ignored positions, and with 2 leading axes."""
-    from .gradcheck import GradcheckCase
+    from ..gradcheck import GradcheckCase
 
     def case(name, logits, targets):
         return GradcheckCase(name, {"logits": logits, "targets": targets},

@@ -50,7 +50,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._checks import check_array, check_same_dtype
+from .._checks import check_array, check_same_dtype
 from .softmax import logsumexp
 
 LOG_TEMP_INIT = float(np.log(1.0 / 0.07))  # CLIP's initial temperature 0.07: s = 14.29
@@ -190,7 +190,7 @@ def backward(dloss, cache):
 
 def gradcheck_cases(rng):
     """Small float64 cases: identity positives, and duplicate captions."""
-    from .gradcheck import GradcheckCase
+    from ..gradcheck import GradcheckCase
 
     def unit_rows(a):
         return a / np.linalg.norm(a, axis=1, keepdims=True)

@@ -1,7 +1,7 @@
 """Two-layer feed-forward network: sparse linear -> GELU -> sparse linear.
 
 This is the transformer MLP block, used as the dense baseline layer and as every
-expert of the Mixture-of-Experts layer (minivlmoe/experts.py).
+expert of the Mixture-of-Experts layer (minivlmoe/moe/experts.py).
 
 Math
 ----
@@ -19,7 +19,7 @@ Backward (the chain rule applied to the three ops in reverse)::
 
 Layout: ``sparse_linear`` returns transposed (feature-major) views, so ``a``, ``h``
 and ``y`` are views whose ``.T`` is C-contiguous; the next sparse layer reads them
-without a copy (see the kernel notes in minivlmoe/sparse_linear.py).
+without a copy (see the kernel notes in minivlmoe/ops/sparse_linear.py).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def backward(dy, cache):
 
 def gradcheck_cases(rng):
     """Small float64 cases for ``python -m minivlmoe gradcheck``: dense and sparse weights."""
-    from .gradcheck import GradcheckCase
+    from ..gradcheck import GradcheckCase
 
     cases = []
     for density in (1.0, 0.5):

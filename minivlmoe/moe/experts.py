@@ -1,6 +1,6 @@
 """A pool of E experts, each a two-layer FFN with its own sparse weights.
 
-The experts run on the compact slot layout of minivlmoe/dispatch.py: the M filled
+The experts run on the compact slot layout of minivlmoe/moe/dispatch.py: the M filled
 slots are sorted by expert, so expert e's inputs are the contiguous rows
 ``xs[offsets[e]:offsets[e+1]]``.  One loop runs over the experts (never over
 tokens)::
@@ -20,9 +20,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import ffn
-from ._checks import check_array
-from .gradcheck import zeros_like
+from ..ops import ffn
+from .._checks import check_array
+from ..gradcheck import zeros_like
 
 
 def expert_names(num_experts):
@@ -101,7 +101,7 @@ def backward(dys, cache):
 
 def gradcheck_cases(rng):
     """A float64 pool of 3 experts, one of them idle (its gradient must be zero)."""
-    from .gradcheck import GradcheckCase
+    from ..gradcheck import GradcheckCase
 
     params = init(rng, 4, 5, 3, dtype=np.float64)
     for p in params.values():
