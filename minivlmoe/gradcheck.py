@@ -38,6 +38,8 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
+from .tree import flatten, tree_map
+
 
 class GradcheckCase(NamedTuple):
     """One op to check.
@@ -72,37 +74,6 @@ class GradcheckRow(NamedTuple):
     checked: int
     passed: bool
     worst: tuple
-
-
-def flatten(tree, prefix=""):
-    """Flatten a nested dict into ``{"a.b.c": leaf}`` (insertion order kept)."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        flat.update(flatten(value, path))
-    return flat
-
-
-def tree_map(fn, tree):
-    """Apply ``fn`` to every leaf of a nested dict, keeping the structure."""
-    if isinstance(tree, dict):
-        return {k: tree_map(fn, v) for k, v in tree.items()}
-    return fn(tree)
-
-
-def zeros_like(tree):
-    """Zero gradients with the structure of ``tree``; a sparse leaf's zero keeps its
-    sparsity pattern (shares ``indices``/``indptr``)."""
-    def zero(leaf):
-        if isinstance(leaf, sp.csr_array):
-            z = sp.csr_array((np.zeros_like(leaf.data), leaf.indices, leaf.indptr),
-                             shape=leaf.shape)
-            z.has_canonical_format = True
-            return z
-        return np.zeros_like(leaf)
-    return tree_map(zero, tree)
 
 
 def _copy_leaf(leaf):

@@ -68,7 +68,8 @@ import scipy.sparse as sp
 from .ops import attention, contrastive, cross_entropy, ffn, l2norm, layernorm, patch_embed, sparse_linear, token_embed
 from .moe import aux_losses, moe_layer, router
 from ._checks import check_array, check_choice, check_float, check_int
-from .gradcheck import flatten, zeros_like
+from . import tree
+from .tree import flatten, unflatten, with_values, zeros_like
 
 EXPERT_MODES = ("modality", "shared", "dense")
 IMAGE, TEXT = 0, 1           # modality ids (moe_layer.MODALITIES order)
@@ -264,17 +265,6 @@ def init(rng, cfg):
     params["log_temp"] = np.array(contrastive.LOG_TEMP_INIT, dtype=dt)
     params["lm_head"] = sparse_linear.init(rng, D, cfg.vocab_size, cfg.density, dt)
     return params
-
-
-def _add_grads(a, b):
-    """Leaf-wise sum of two gradient trees with the same structure (sparse: same pattern)."""
-    if isinstance(a, dict):
-        return {k: _add_grads(a[k], b[k]) for k in a}
-    if isinstance(a, sp.csr_array):
-        s = sp.csr_array((a.data + b.data, a.indices, a.indptr), shape=a.shape)
-        s.has_canonical_format = True
-        return s
-    return a + b
 
 
 def num_params(params):
@@ -674,9 +664,9 @@ def backward(cache, timer=None):
         # the text table is used twice (caption input, retrieval text): the grads add
         dtext = zeros_like(cache.params["text"])
         if cache.cap_embed is not None:
-            dtext = _add_grads(dtext, token_embed.backward(dx[:, P1:P1 + Tc], cache.cap_embed))
+            dtext = tree.add(dtext, token_embed.backward(dx[:, P1:P1 + Tc], cache.cap_embed))
         if cache.ret_embed is not None:
-            dtext = _add_grads(dtext, token_embed.backward(dx[:, P1 + Tc:], cache.ret_embed))
+            dtext = tree.add(dtext, token_embed.backward(dx[:, P1 + Tc:], cache.ret_embed))
         grads["text"] = dtext
     # heads that an objective with weight 0 never used get exact zeros
     for name in ("img_proj", "txt_proj", "log_temp", "lm_head"):
@@ -877,13 +867,10 @@ def directional_case(name, params, cfg, images, ids, *, pad_id, keys=None, rng):
             if path not in step:
                 out[path] = leaf
             elif isinstance(leaf, sp.csr_array):
-                w = sp.csr_array((leaf.data + step[path] * directions[path], leaf.indices,
-                                  leaf.indptr), shape=leaf.shape)
-                w.has_canonical_format = True
-                out[path] = w
+                out[path] = with_values(leaf, leaf.data + step[path] * directions[path])
             else:
                 out[path] = np.asarray(leaf + step[path] * directions[path])  # 0-d stays 0-d
-        return _unflatten(out)
+        return unflatten(out)
 
     def fwd(a):
         losses, _, cache = forward(perturbed(a["c"]), cfg, images, ids, pad_id=pad_id,
@@ -914,18 +901,6 @@ def tiny_params(rng, cfg):
     for group, key in (("patch", "cls"), ("patch", "pos"), ("text", "tok"), ("text", "pos")):
         params[group][key] *= 50.0
     return params
-
-
-def _unflatten(flat):
-    """Inverse of :func:`minivlmoe.gradcheck.flatten` for dotted paths."""
-    tree = {}
-    for path, leaf in flat.items():
-        node = tree
-        *parents, last = path.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = leaf
-    return tree
 
 
 def gradcheck_cases(rng):

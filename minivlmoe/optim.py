@@ -27,7 +27,7 @@ optimizer never sees, stores or creates an entry outside the pattern.
 Which leaves decay
 ------------------
 :func:`decays` decides from the leaf's dotted path (as made by
-:func:`minivlmoe.gradcheck.flatten`): weight matrices (last key ``"W"``) and token
+:func:`minivlmoe.tree.flatten`): weight matrices (last key ``"W"``) and token
 embedding tables (last key ``"tok"``) decay; biases, layer-norm gains and shifts, the
 class and position embeddings, temperatures and every other leaf do not.
 """
@@ -41,7 +41,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._checks import check_float, check_int
-from .gradcheck import flatten, tree_map
+from .tree import flatten, tree_map, with_values
 
 DECAYED_KEYS = ("W", "tok")  # last path component of the leaves that weight decay shrinks
 
@@ -157,10 +157,7 @@ def clip_by_global_norm(grads, max_norm):
 
     def scaled(g):
         if isinstance(g, sp.csr_array):
-            out = sp.csr_array((g.data * g.dtype.type(scale), g.indices.copy(),
-                                g.indptr.copy()), shape=g.shape)
-            out.has_canonical_format = g.has_canonical_format
-            return out
+            return with_values(g, g.data * g.dtype.type(scale))
         out = np.array(g, copy=True)                             # same shape, even 0-d
         out *= out.dtype.type(scale)
         return out

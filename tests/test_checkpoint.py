@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from minivlmoe import checkpoint, optim
 from minivlmoe.ops import sparse_linear
 from minivlmoe.checkpoint import CheckpointError
-from minivlmoe.gradcheck import flatten
+from minivlmoe.tree import flatten
 
 CONFIG = {"model": {"width": 8, "experts": "modality", "moe_layers": [1, 3]}, "lr": 1e-3,
           "seed": 3}

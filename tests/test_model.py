@@ -10,7 +10,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from minivlmoe import model, optim
-from minivlmoe.gradcheck import assert_gradients, flatten
+from minivlmoe.gradcheck import assert_gradients
+from minivlmoe.tree import flatten, unflatten
 
 MODES = model.EXPERT_MODES
 OBJECTIVES = {"both": {}, "retrieval": {"caption_weight": 0.0},
@@ -72,7 +73,7 @@ def _loss_at(params, flat_dirs, t, cfg, images, ids, keys):
             moved[path] = w
         else:
             moved[path] = np.asarray(leaf + t * v)
-    return model.losses_only(model._unflatten(moved), cfg, images, ids, pad_id=PAD,
+    return model.losses_only(unflatten(moved), cfg, images, ids, pad_id=PAD,
                              keys=keys)["total"]
 
 

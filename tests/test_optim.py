@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from minivlmoe import optim
 from minivlmoe.ops import sparse_linear
-from minivlmoe.gradcheck import flatten, tree_map
+from minivlmoe.tree import flatten, tree_map
 from minivlmoe.optim import AdamWConfig
 
 # Paths of make_tree() that decay, written out by hand (not derived from optim.decays).

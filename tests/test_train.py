@@ -27,7 +27,7 @@ def without_time(records):
 
 
 def same_trees(a, b):
-    from minivlmoe.gradcheck import flatten
+    from minivlmoe.tree import flatten
 
     fa, fb = flatten(a), flatten(b)
     assert fa.keys() == fb.keys()

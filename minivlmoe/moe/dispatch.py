@@ -54,6 +54,7 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
+from ..tree import csr_on_pattern
 from .._checks import check_array, check_float, check_int
 
 
@@ -189,30 +190,23 @@ def make_plan(experts, num_experts, capacity, order):
                 slot_token, slot_rank, indptr, indices, entry_src)
 
 
-def _csr(data, indices, indptr, shape):
-    """A canonical csr_array built directly from its three arrays (no sorting pass)."""
-    a = sp.csr_array((data, indices, indptr), shape=shape)
-    a.has_canonical_format = True
-    return a
-
-
 def dispatch_matrix(plan, dtype):
     """``Disp`` (N, M) csr_array of ones: row n marks the slots of token n."""
     n, m = plan.kept.shape[0], plan.num_slots
-    return _csr(np.ones(m, dtype=dtype), plan.indices, plan.indptr, (n, m))
+    return csr_on_pattern(np.ones(m, dtype=dtype), plan.indices, plan.indptr, (n, m))
 
 
 def dispatch_matrix_T(plan, dtype):
     """``Disp^T`` (M, N) csr_array, built directly: slot s has one 1, at its token."""
     n, m = plan.kept.shape[0], plan.num_slots
-    return _csr(np.ones(m, dtype=dtype), plan.slot_token,
+    return csr_on_pattern(np.ones(m, dtype=dtype), plan.slot_token,
                 np.arange(m + 1, dtype=np.int32), (m, n))
 
 
 def combine_matrix(plan, gates):
     """``Comb`` (N, M) csr_array: ``Comb[n, slot(n, j)] = gates[n, j]`` for kept (n, j)."""
     n, m = plan.kept.shape[0], plan.num_slots
-    return _csr(gates.reshape(-1)[plan.entry_src], plan.indices, plan.indptr, (n, m))
+    return csr_on_pattern(gates.reshape(-1)[plan.entry_src], plan.indices, plan.indptr, (n, m))
 
 
 class DispatchCache(NamedTuple):

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..ops import ffn
 from .._checks import check_array
-from ..gradcheck import zeros_like
+from ..tree import zeros_like
 
 
 def expert_names(num_experts):

@@ -49,7 +49,7 @@ import numpy as np
 
 from . import aux_losses, dispatch, experts, router
 from .._checks import check_array, check_choice, check_float, check_int, check_same_dtype
-from ..gradcheck import zeros_like
+from ..tree import zeros_like
 
 MODALITIES = ("image", "text")  # modality id 0 and 1
 DEFAULT_AUX_WEIGHTS = {"load_balance": 0.01, "importance": 0.0, "z_loss": 0.001,

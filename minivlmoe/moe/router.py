@@ -45,6 +45,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..ops import softmax, sparse_linear
+from ..tree import csr_on_pattern
 from .._checks import check_array, check_float, check_same_dtype
 
 
@@ -234,10 +235,8 @@ def orthonormal_router(rng, d, num_experts, dtype=np.float64):
     q, _ = np.linalg.qr(rng.standard_normal((d, num_experts)))  # (D, E) orthonormal columns
     w = q.T                                                      # (E, D) orthonormal rows
     cols = np.tile(np.arange(d), num_experts)                    # (E*D,) every column
-    W = sp.csr_array((w.reshape(-1).astype(dtype), cols.astype(np.int32),
-                      np.arange(0, num_experts * d + 1, d, dtype=np.int32)),
-                     shape=(num_experts, d))
-    W.has_canonical_format = True
+    W = csr_on_pattern(w.reshape(-1).astype(dtype), cols.astype(np.int32),
+                       np.arange(0, num_experts * d + 1, d, dtype=np.int32), (num_experts, d))
     return {"W": W, "b": (0.3 * rng.standard_normal(num_experts)).astype(dtype)}
 
 

@@ -57,6 +57,7 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
+from ..tree import csr_on_pattern, with_values
 from .._checks import check_array, check_csr, check_float, check_int, check_same_dtype
 
 DENSE_ABOVE = 0.075
@@ -93,9 +94,8 @@ def init(rng, d_in, d_out, density=1.0, dtype=np.float32, group=16):
     cols = np.repeat(cols, r, axis=0)                            # (Dout, k) shared per group
     values = rng.standard_normal(d_out * k) / np.sqrt(k)         # (Dout*k,)
     indptr = np.arange(0, d_out * k + 1, k, dtype=np.int32)      # (Dout+1,)
-    W = sp.csr_array((values.astype(dtype), cols.reshape(-1).astype(np.int32), indptr),
-                     shape=(d_out, d_in))
-    W.has_canonical_format = True
+    W = csr_on_pattern(values.astype(dtype), cols.reshape(-1).astype(np.int32), indptr,
+                       (d_out, d_in))
     return {"W": W, "b": np.zeros(d_out, dtype=dtype)}
 
 
@@ -258,9 +258,7 @@ def backward(dy, cache):
             else:
                 dW_data = (dyT @ xT.T)[rows, W.indices]          # (Dout, Din) -> (nnz,)
     dx = dx.reshape(*lead, d_in)                                 # (..., Din)
-    dW = sp.csr_array((dW_data.astype(W.dtype, copy=False), W.indices, W.indptr),
-                      shape=W.shape)
-    dW.has_canonical_format = True
+    dW = with_values(W, dW_data.astype(W.dtype, copy=False))
     return dx, {"W": dW, "b": db}
 
 
