@@ -9,7 +9,9 @@ import numpy as np
 
 import minivlmoe
 from minivlmoe import cli, testing
+from minivlmoe.gradcheck import is_differentiable
 from minivlmoe.ops import gelu
+from minivlmoe.tree import flatten
 
 PACKAGE = pathlib.Path(minivlmoe.__file__).parent
 
@@ -79,23 +81,35 @@ def _report_rows(out, ops):
     """(op, argument, result) of each row of a report whose op is one of ``ops``."""
     rows = []
     for line in out.splitlines():
-        if line.endswith((" pass", " FAIL")):
+        if line.endswith((" pass", " FAIL")) or " skip (" in line:
             op = max((op for op in ops if line.startswith(op + " ")), key=len)
-            rows.append((op, line[len(op):].split()[0], line.split()[-1]))
+            result = "skip" if " skip (" in line else line.split()[-1]
+            rows.append((op, line[len(op):].split()[0], result))
     return rows
 
 
-def test_report_has_a_row_per_case_and_argument_and_exits_zero(capsys):
+def test_report_has_a_row_per_case_and_differentiable_argument_and_exits_zero(capsys):
     assert cli.main(["gradcheck", "--seed", "3"]) == 0
     out = capsys.readouterr().out
-    want = [case.op for case in testing.all_cases(np.random.default_rng(3))]
-    rows = _report_rows(out, set(want))
-    assert list(dict.fromkeys(row[0] for row in rows)) == want   # every case, reading order
-    assert all(result == "pass" for _, _, result in rows)
-    assert len(rows) >= 213                                      # as many rows as before
+    want = [(case.op, path) for case in testing.all_cases(np.random.default_rng(3))
+            for path, leaf in flatten(case.inputs).items() if is_differentiable(leaf)]
+    rows = _report_rows(out, {op for op, _ in want})
+    assert sorted((op, arg) for op, arg, _ in rows) == sorted(want)
+    assert list(dict.fromkeys(row[0] for row in rows)) == list(dict.fromkeys(op for op, _ in want))
+    assert all(result in ("pass", "skip") for _, _, result in rows)
+    assert sum(result == "pass" for _, _, result in rows) >= 213    # as many as before skips
     assert {"model(experts=dense)", "model(experts=shared)", "model(experts=modality)"} <= {
         op for op, _, _ in rows}
     assert "all rows passed" in out
+
+
+def test_skipped_arguments_are_rows_that_do_not_fail(capsys):
+    assert cli.main(["gradcheck", "--only", "attention(mask=full"]) == 0
+    out = capsys.readouterr().out
+    skips = [line for line in out.splitlines() if " skip (" in line]
+    assert len(skips) == 1 and "params.k.b" in skips[0]
+    assert skips[0].endswith(f"skip ({testing.ops.KEY_BIAS_SKIP['params.k.b']})")
+    assert "all rows passed" in out and "1 argument(s) skipped" in out
 
 
 def test_a_wrong_backward_fails_the_report(capsys, monkeypatch):
@@ -113,3 +127,10 @@ def test_only_filter_and_seed_are_deterministic(capsys):
     assert capsys.readouterr().out == first
     rows = [line for line in first.splitlines() if line.endswith(" pass")]
     assert rows and all(line.startswith("layernorm") for line in rows)
+
+
+def test_only_matching_nothing_is_an_error(capsys):
+    assert cli.main(["gradcheck", "--only", "xyz"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "minivlmoe: error: --only 'xyz' matches no gradcheck case\n"

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minivlmoe.moe import router
-from minivlmoe.gradcheck import GradcheckCase, assert_gradients
+from minivlmoe.gradcheck import GradcheckCase, assert_gradients, check_case
 from minivlmoe.testing.moe import (inputs_for_logits, orthonormal_router, router_case,
                                    separated_logits)
 
@@ -67,8 +67,8 @@ def test_gradient_of_gates_only_reaches_the_renormalizer(setup):
 
 
 def test_renormalizer_treated_as_constant_is_caught(rng):
-    """A backward that drops the renormalizer's term gives a wrong gradient (the
-    gradient check above must be able to fail)."""
+    """A backward that drops the renormalizer's term gives a wrong gradient, and the
+    gradient check above fails on it (it must be able to fail)."""
     params = orthonormal_router(rng, 4, 3)
     x = inputs_for_logits(rng, separated_logits(rng, 5, 3), params)
     r, cache = router.forward(x, params, 2, True)
@@ -76,6 +76,22 @@ def test_renormalizer_treated_as_constant_is_caught(rng):
     right, _ = router.backward(dg, cache)
     wrong, _ = router.backward(dg, cache._replace(gates=np.zeros_like(r.gates)))  # no sum term
     assert np.abs(right - wrong).max() > 1e-3
+
+    def fwd(a):
+        r, cache = router.forward(a["x"], a["params"], 2, True)
+        return r.gates, cache
+
+    def constant_renormalizer(dout, cache):
+        dx, dparams = router.backward(dout, cache._replace(gates=np.zeros_like(cache.gates)))
+        return {"x": dx, "params": dparams}
+
+    case = GradcheckCase("router(renormalizer as a constant)", {"x": x, "params": params},
+                         fwd, constant_renormalizer)
+    rows = {row.argument: row for row in check_case(case, np.random.default_rng(1))}
+    assert not rows["x"].passed and not rows["params.W"].passed
+    with pytest.raises(AssertionError, match=r"op 'router\(renormalizer as a constant\)', "
+                                             r"argument 'x'"):
+        assert_gradients(case, np.random.default_rng(1))
 
 
 @given(seed=SEEDS, n=st.integers(1, 6), e=st.integers(1, 6), data=st.data())
