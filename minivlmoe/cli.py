@@ -15,59 +15,41 @@ stderr, no traceback), 2 bad command-line arguments (argparse's usage error).
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
 import numpy as np
 
-# Every module with differentiable ops provides ``gradcheck_cases(rng) -> [GradcheckCase]``.
-# Listed in reading order (README.md).
-GRADCHECK_MODULES = [
-    "ops.sparse_linear",
-    "ops.gelu",
-    "ops.layernorm",
-    "ops.softmax",
-    "ops.cross_entropy",
-    "ops.l2norm",
-    "ops.contrastive",
-    "ops.patch_embed",
-    "ops.token_embed",
-    "ops.attention",
-    "ops.ffn",
-    "moe.router",
-    "moe.dispatch",
-    "moe.experts",
-    "moe.aux_losses",
-    "moe.moe_layer",
-    "model",
-]
-
-
-def _available_modules():
-    """Import the op modules in GRADCHECK_MODULES (skipping none: a missing one is a bug)."""
-    return [importlib.import_module(f"minivlmoe.{name}") for name in GRADCHECK_MODULES]
-
 
 def cmd_gradcheck(args):
+    """One row per (op, argument) of every case in the test registry, reading order
+    (minivlmoe.testing.GROUPS); a skipped argument's row says ``skip (<reason>)``."""
     from .gradcheck import check_case
+    from .testing import all_cases
 
     rng = np.random.default_rng(args.seed)
     header = f"{'op':<44} {'argument':<22} {'shape':<16} {'max rel err':>11} {'checked':>7}  result"
-    print(header)
-    print("-" * len(header))
-    failures = 0
-    for module in _available_modules():
-        for case in module.gradcheck_cases(rng):
-            if args.only and args.only not in case.op:
-                continue
-            for row in check_case(case, rng):
-                failures += not row.passed
+    failures = matched = skipped = 0
+    for case in all_cases(rng, args.only):
+        matched += 1
+        if matched == 1:
+            print(header)
+            print("-" * len(header))
+        for row in check_case(case, rng):
+            if row.skipped:
                 print(f"{row.op:<44} {row.argument:<22} {str(row.shape):<16} "
-                      f"{row.max_rel_error:>11.2e} {row.checked:>7}  "
-                      f"{'pass' if row.passed else 'FAIL'}", flush=True)
+                      f"{'-':>11} {0:>7}  skip ({row.skipped})", flush=True)
+                skipped += 1
+                continue
+            failures += not row.passed
+            print(f"{row.op:<44} {row.argument:<22} {str(row.shape):<16} "
+                  f"{row.max_rel_error:>11.2e} {row.checked:>7}  "
+                  f"{'pass' if row.passed else 'FAIL'}", flush=True)
+    if not matched:
+        return _fail(f"--only {args.only!r} matches no gradcheck case")
     print(f"\n{'all rows passed' if not failures else f'{failures} row(s) FAILED'} "
-          f"(tolerance per op, default 1e-6; see minivlmoe/gradcheck.py)")
+          f"(tolerance per op, default 1e-6; see minivlmoe/gradcheck.py)"
+          + (f"; {skipped} argument(s) skipped, reasons in their rows" if skipped else ""))
     return 1 if failures else 0
 
 

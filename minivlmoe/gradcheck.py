@@ -25,6 +25,13 @@ The method (see docs/backprop.md):
   ones on ``n_sample`` random entries plus ``n_directions`` random directional
   derivatives ``<a, v>`` against ``(L(θ + h v) - L(θ - h v)) / (2h)``.
 
+Every differentiable argument must be accounted for: a float ``ndarray`` or a
+``csr_array`` leaf of the inputs either gets a gradient from the backward, or the case
+names it in ``skip`` with the reason it is not checked (e.g. attention's key bias, whose
+true gradient is exactly zero).  A missing gradient, a gradient for a skipped argument,
+or a skip naming no differentiable argument is an error, so a backward cannot pass by
+leaving something out.  Integer and boolean arrays and non-array values are constants.
+
 A sparse weight (``csr_array``) is perturbed only on its stored entries, and its
 gradient must be a ``csr_array`` with byte-identical ``indices`` and ``indptr``.
 During the analytic pass every input and ``dout`` is made read-only, so a forward or
@@ -33,7 +40,7 @@ backward that writes into its arguments fails loudly.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -54,6 +61,8 @@ class GradcheckCase(NamedTuple):
         differentiable leaf of ``inputs`` under the same keys.
     h : finite-difference step.
     tol : maximum accepted error (see the module docstring).
+    skip : ``{dotted path: reason}`` of differentiable leaves deliberately left
+        unchecked; the backward must return no gradient for them.
     """
 
     op: str
@@ -62,10 +71,15 @@ class GradcheckCase(NamedTuple):
     backward: Callable[[Any, Any], dict]
     h: float = 1e-6
     tol: float = 1e-6
+    skip: Mapping[str, str] = {}
 
 
 class GradcheckRow(NamedTuple):
-    """Result for one (op, argument) pair; ``worst`` = (index, analytic, numeric)."""
+    """Result for one (op, argument) pair; ``worst`` = (index, analytic, numeric).
+
+    A skipped argument gives a row with ``skipped`` = the case's reason, ``checked`` = 0
+    and ``passed`` = True (a skip is not a failure).
+    """
 
     op: str
     argument: str
@@ -74,6 +88,35 @@ class GradcheckRow(NamedTuple):
     checked: int
     passed: bool
     worst: tuple
+    skipped: str = ""
+
+
+def is_differentiable(leaf):
+    """A float ``ndarray`` or a ``csr_array``: a leaf that needs a gradient or a skip."""
+    return (isinstance(leaf, sp.csr_array)
+            or (isinstance(leaf, np.ndarray) and np.issubdtype(leaf.dtype, np.floating)))
+
+
+def _check_accounted(case, leaves, grads):
+    """Every differentiable leaf has a gradient or a skip reason, and nothing else does."""
+    differentiable = [path for path, leaf in leaves.items() if is_differentiable(leaf)]
+    unknown = sorted(set(grads) - set(leaves))
+    if unknown:
+        raise AssertionError(f"{case.op}: backward returned gradients for unknown "
+                             f"arguments {unknown}")
+    bad_skip = sorted(set(case.skip) - set(differentiable))
+    if bad_skip:
+        raise AssertionError(f"{case.op}: skip names {bad_skip}, expected differentiable "
+                             f"arguments among {differentiable}")
+    skipped_but_returned = sorted(set(grads) & set(case.skip))
+    if skipped_but_returned:
+        raise AssertionError(f"{case.op}: backward returned gradients for skipped "
+                             f"arguments {skipped_but_returned}")
+    missing = [path for path in differentiable if path not in grads and path not in case.skip]
+    if missing:
+        raise AssertionError(f"{case.op}: backward returned no gradient for differentiable "
+                             f"arguments {missing} (check them, or name each in the "
+                             "case's skip with a reason)")
 
 
 def _copy_leaf(leaf):
@@ -141,7 +184,11 @@ def rel_errors(a, n, abs_floor=0.0):
 
 
 def check_case(case, rng, *, max_full=256, n_sample=48, n_directions=8):
-    """Check every differentiable argument of ``case``; return a list of GradcheckRow."""
+    """Check every differentiable argument of ``case``; return a list of GradcheckRow
+    (the checked arguments in the backward's order, then one row per skipped argument).
+
+    Raises AssertionError if a differentiable argument has neither a gradient nor a
+    skip reason, or a skipped or unknown argument has a gradient."""
     inputs = tree_map(_copy_leaf, case.inputs)
     _set_writeable(inputs, False)
     out, cache = case.forward(inputs)
@@ -154,10 +201,7 @@ def check_case(case, rng, *, max_full=256, n_sample=48, n_directions=8):
     grads = flatten(case.backward(dout, cache))
     _set_writeable(inputs, True)
     leaves = flatten(inputs)
-    unknown = set(grads) - set(leaves)
-    if unknown:
-        raise AssertionError(f"{case.op}: backward returned gradients for unknown "
-                             f"arguments {sorted(unknown)}")
+    _check_accounted(case, leaves, grads)
 
     def loss():
         value, _ = case.forward(inputs)
@@ -207,6 +251,9 @@ def check_case(case, rng, *, max_full=256, n_sample=48, n_directions=8):
         shape = leaf.shape
         rows.append(GradcheckRow(case.op, path, shape, max_err, checked,
                                  bool(max_err <= case.tol), worst))
+    for path, reason in case.skip.items():
+        rows.append(GradcheckRow(case.op, path, leaves[path].shape, 0.0, 0, True,
+                                 ((), 0.0, 0.0), skipped=reason))
     return rows
 
 
@@ -219,6 +266,6 @@ def assert_gradients(case, rng, **kwargs):
                  f"{r.worst[0]}: analytic={r.worst[1]:.10g}, numeric={r.worst[2]:.10g}, "
                  f"error={r.max_rel_error:.3g} > tol={case.tol:g}" for r in failed]
         raise AssertionError("\n".join(lines))
-    if not rows:
+    if not any(not r.skipped for r in rows):
         raise AssertionError(f"{case.op}: backward returned no gradients to check")
     return rows

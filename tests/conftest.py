@@ -38,11 +38,3 @@ def readonly(*arrays):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
-
-
-def gelu_scalar(v):
-    """The tanh-form GELU of one Python float (the definition in minivlmoe/ops/gelu.py),
-    for naive loop references."""
-    import math
-
-    return 0.5 * v * (1.0 + math.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))

@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minivlmoe.ops import attention
-from minivlmoe.gradcheck import GradcheckCase, assert_gradients
+from minivlmoe.gradcheck import assert_gradients
+from minivlmoe.testing.ops import attention_case
 
 from conftest import readonly
 
@@ -99,20 +100,6 @@ def make_case(cfg, dtype=np.float64):
         params[name]["b"] = (0.5 * rng.standard_normal(D)).astype(dtype)
     x = rng.standard_normal((cfg["B"], cfg["S"], D)).astype(dtype)
     return rng, x, params, make_mask_for(cfg, rng)
-
-
-# Step of the finite differences.  The centered difference's round-off error is about
-# eps * |L| / h; it matters when a whole argument's gradient is tiny next to L (e.g. two
-# nearly equal input rows make dq ~ |x0 - x1|²).  h = 1e-5 instead of the default 1e-6
-# cuts it tenfold while the truncation error, O(h²), stays ~1e-8 relative.
-H_STEP = 1e-5
-
-
-def gradcheck_backward(dout, cache):
-    """All gradients except the key bias's, which is exactly 0 (see test_key_bias_...)."""
-    dx, dparams = attention.backward(dout, cache)
-    dparams["k"] = {"W": dparams["k"]["W"]}
-    return {"x": dx, "params": dparams}
 
 
 # ---------------------------------------------------------------- masks
@@ -233,10 +220,7 @@ def test_fully_masked_row_gives_bias_and_finite_gradients(rng):
     assert np.all(np.isfinite(dx))
     np.testing.assert_array_equal(dx[1], 0.0)                  # item 1 does not reach y
     assert all(np.all(np.isfinite(dparams[n]["W"].data)) for n in "qkvo")
-    assert_gradients(GradcheckCase(
-        "attention(fully masked rows)", {"x": x, "params": params},
-        lambda a: attention.forward(a["x"], a["params"], 2, mask), gradcheck_backward,
-        h=H_STEP), rng)
+    assert_gradients(attention_case("attention(fully masked rows)", x, params, 2, mask), rng)
 
 
 def test_large_logits_stay_finite(rng):
@@ -282,10 +266,8 @@ def test_float32_in_float32_out():
 @given(cfg=configs())
 def test_gradients(cfg):
     rng, x, params, mask = make_case(cfg)
-    assert_gradients(GradcheckCase(
-        f"attention(mask={cfg['kind']})", {"x": x, "params": params},
-        lambda a: attention.forward(a["x"], a["params"], cfg["H"], mask), gradcheck_backward,
-        h=H_STEP), rng)
+    assert_gradients(attention_case(f"attention(mask={cfg['kind']})", x, params, cfg["H"],
+                                    mask), rng)
 
 
 @given(cfg=configs())

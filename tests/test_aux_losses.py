@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from minivlmoe.moe import aux_losses as aux
 from minivlmoe.gradcheck import GradcheckCase, assert_gradients, check_case
+from minivlmoe.testing.moe import aux_losses_cases, load_balance_case
 
 SEEDS = st.integers(0, 2**32 - 1)
 
@@ -98,10 +99,9 @@ def router_probs(draw, min_e=1, max_e=5, max_n=6):
     return floored_softmax(logits), logits, k
 
 
-def grad_case(op, key, value, fwd, bwd, **extra):
+def grad_case(op, key, value, fwd, bwd):
     """GradcheckCase for a loss of one differentiable array ``key``."""
-    inputs = {key: value, **extra}
-    return GradcheckCase(op, inputs, lambda a: fwd(a), lambda d, c: {key: bwd(d, c)})
+    return GradcheckCase(op, {key: value}, lambda a: fwd(a), lambda d, c: {key: bwd(d, c)})
 
 
 # ----------------------------------------------------------------------------------------
@@ -154,9 +154,7 @@ def test_entropy_global_matches_naive(case, frac):
 def test_load_balance_gradient(case, seed):
     probs, _, k = case
     assign = top_k_indicator(probs, k)
-    assert_gradients(grad_case("load_balance", "probs", probs,
-                               lambda a: aux.load_balance_forward(a["probs"], a["assign"], k),
-                               aux.load_balance_backward, assign=assign),
+    assert_gradients(load_balance_case("load_balance", probs, assign, k),
                      np.random.default_rng(seed))
 
 
@@ -230,7 +228,7 @@ def test_entropy_global_gradient_both_sides_of_the_hinge(drawn, seed):
 
 def test_gradcheck_cases_pass():
     rng = np.random.default_rng(0)
-    cases = aux.gradcheck_cases(rng)
+    cases = aux_losses_cases(rng)
     names = " ".join(c.op for c in cases)
     for name in aux.AUX_LOSSES:
         assert name in names

@@ -9,13 +9,10 @@ from hypothesis import strategies as st
 
 from minivlmoe.ops import contrastive
 from minivlmoe.ops.contrastive import LOG_TEMP_INIT, duplicate_positives
-from minivlmoe.gradcheck import GradcheckCase, assert_gradients
+from minivlmoe.gradcheck import assert_gradients
+from minivlmoe.testing.ops import contrastive_case, unit_rows
 
 from conftest import readonly
-
-
-def unit_rows(a):
-    return a / np.linalg.norm(a, axis=1, keepdims=True)
 
 
 def make(seed, b, d, dtype=np.float64):
@@ -92,14 +89,6 @@ def keys_strategy(max_b=6):
         lambda b: st.lists(st.integers(0, max(1, b // 2)), min_size=b, max_size=b))
 
 
-def infonce_case(img, txt, log_temp, positives=None):
-    return GradcheckCase(
-        "contrastive", {"img": img, "txt": txt, "log_temp": log_temp},
-        lambda a: contrastive.forward(a["img"], a["txt"], a["log_temp"], positives),
-        lambda dout, cache: dict(zip(("img", "txt", "log_temp"),
-                                     contrastive.backward(dout, cache))))
-
-
 # D >= 2: unit rows in D = 1 are +-1, so equal rows (and an exactly zero true gradient,
 # which round-off of 1e-16 in the analytic value "fails" against) are common.
 @given(seed=st.integers(0, 2**32 - 1), b=st.integers(1, 6), d=st.integers(2, 5),
@@ -107,7 +96,7 @@ def infonce_case(img, txt, log_temp, positives=None):
 def test_gradients(seed, b, d, duplicates):
     rng, img, txt, log_temp = make(seed, b, d)
     positives = duplicate_positives(rng.integers(0, max(1, b // 2), b)) if duplicates else None
-    assert_gradients(infonce_case(img, txt, log_temp, positives), rng)
+    assert_gradients(contrastive_case("contrastive", img, txt, log_temp, positives), rng)
 
 
 @given(seed=st.integers(0, 2**32 - 1), b=st.integers(2, 5), d=st.integers(2, 4))
@@ -115,7 +104,7 @@ def test_gradients_unnormalized_inputs(seed, b, d):
     # the op does not normalize: any embeddings are valid inputs
     rng, img, txt, log_temp = make(seed, b, d)
     img = img * rng.uniform(0.5, 2.0, (b, 1))
-    assert_gradients(infonce_case(img, txt, np.array(log_temp - 1.0)), rng)
+    assert_gradients(contrastive_case("contrastive", img, txt, np.array(log_temp - 1.0)), rng)
 
 
 @given(seed=st.integers(0, 2**32 - 1), keys=keys_strategy(), d=st.integers(1, 4),

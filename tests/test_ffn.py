@@ -5,9 +5,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import gelu_scalar
 from minivlmoe.ops import ffn
 from minivlmoe.gradcheck import GradcheckCase, assert_gradients
+from minivlmoe.testing.ops import naive_ffn
 
 SEEDS = st.integers(0, 2**32 - 1)
 
@@ -17,22 +17,6 @@ def random_params(rng, d, hidden, density, dtype=np.float64):
     params["fc1"]["b"] = rng.standard_normal(hidden).astype(dtype)
     params["fc2"]["b"] = rng.standard_normal(d).astype(dtype)
     return params
-
-
-def naive_ffn(x, params):
-    """The definition, one token and one output unit at a time."""
-    w1, b1 = params["fc1"]["W"].toarray(), params["fc1"]["b"]
-    w2, b2 = params["fc2"]["W"].toarray(), params["fc2"]["b"]
-    flat = x.reshape(-1, x.shape[-1])
-    out = np.zeros((flat.shape[0], w2.shape[0]))
-    for n in range(flat.shape[0]):
-        h = []
-        for f in range(w1.shape[0]):
-            a = sum(w1[f, i] * flat[n, i] for i in range(w1.shape[1])) + b1[f]
-            h.append(gelu_scalar(a))
-        for o in range(w2.shape[0]):
-            out[n, o] = sum(w2[o, f] * h[f] for f in range(len(h))) + b2[o]
-    return out.reshape(*x.shape[:-1], w2.shape[0])
 
 
 @given(seed=SEEDS, n=st.integers(1, 5), d=st.integers(1, 6), hidden=st.integers(1, 7),

@@ -94,3 +94,80 @@ def test_small_gradients_with_a_wrong_factor_are_still_caught():
     with pytest.raises(AssertionError, match="argument 'x'"):
         assert_gradients(case, rng)
     assert_gradients(case._replace(backward=lambda d, c: {"x": gelu.backward(d, c)}), rng)
+
+
+# ----------------------------------------------------------------------------------------
+# a backward cannot pass by omission: every differentiable argument is checked or skipped
+
+
+def right_linear(d, c):
+    return dict(zip(("x", "params"), sparse_linear.backward(d, c)))
+
+
+def test_a_backward_that_drops_one_argument_fails_naming_op_and_argument():
+    def drops_bias(d, c):
+        dx, g = sparse_linear.backward(d, c)
+        return {"x": dx, "params": {"W": g["W"]}}
+    with pytest.raises(AssertionError, match=r"linear: backward returned no gradient for "
+                                             r"differentiable arguments \['params\.b'\]"):
+        assert_gradients(linear_case(drops_bias), np.random.default_rng(1))
+
+
+def test_a_dropped_sparse_weight_fails_too():
+    def drops_weight(d, c):
+        dx, g = sparse_linear.backward(d, c)
+        return {"x": dx, "params": {"b": g["b"]}}
+    with pytest.raises(AssertionError, match=r"\['params\.W'\]"):
+        check_case(linear_case(drops_weight), np.random.default_rng(1))
+
+
+def test_a_skipped_argument_is_a_row_with_its_reason_and_not_a_failure():
+    def drops_bias(d, c):
+        dx, g = sparse_linear.backward(d, c)
+        return {"x": dx, "params": {"W": g["W"]}}
+    case = linear_case(drops_bias)._replace(skip={"params.b": "left out on purpose"})
+    rows = assert_gradients(case, np.random.default_rng(1))
+    assert [(r.argument, r.skipped) for r in rows] == [
+        ("x", ""), ("params.W", ""), ("params.b", "left out on purpose")]
+    assert rows[-1].passed and rows[-1].checked == 0 and rows[-1].shape == (4,)
+
+
+def test_a_gradient_for_a_skipped_argument_fails():
+    case = linear_case(right_linear)._replace(skip={"params.b": "left out on purpose"})
+    with pytest.raises(AssertionError, match=r"gradients for skipped arguments \['params\.b'\]"):
+        check_case(case, np.random.default_rng(1))
+
+
+@pytest.mark.parametrize("path", ["params.c", "params", "y"])
+def test_a_skip_naming_no_differentiable_argument_fails(path):
+    case = linear_case(right_linear)._replace(skip={path: "a typo"})
+    with pytest.raises(AssertionError, match=rf"skip names \['{path}'\], expected "
+                                             r"differentiable arguments"):
+        check_case(case, np.random.default_rng(1))
+
+
+def test_float_inputs_need_a_gradient_or_a_skip_integer_and_bool_inputs_do_not():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3))
+    inputs = {"x": x, "ids": np.array([1, 2]), "flags": np.array([True, False]),
+              "scale": 2.0, "noise": rng.standard_normal((2, 3))}
+
+    def fwd(a):
+        return gelu.forward(a["x"] + 0.0 * a["noise"])
+
+    def bwd(d, c):
+        return {"x": gelu.backward(d, c)}
+
+    case = GradcheckCase("gelu(noise)", inputs, fwd, bwd)
+    with pytest.raises(AssertionError, match=r"gelu\(noise\): backward returned no gradient "
+                                             r"for differentiable arguments \['noise'\]"):
+        check_case(case, rng)
+    rows = assert_gradients(case._replace(skip={"noise": "a constant of the case"}), rng)
+    assert [r.argument for r in rows] == ["x", "noise"]
+
+
+def test_a_case_with_only_skipped_arguments_has_nothing_to_check():
+    case = GradcheckCase("gelu", {"x": np.ones((2, 2))}, lambda a: gelu.forward(a["x"]),
+                         lambda d, c: {}, skip={"x": "nothing"})
+    with pytest.raises(AssertionError, match="no gradients to check"):
+        assert_gradients(case, np.random.default_rng(0))

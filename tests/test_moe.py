@@ -7,31 +7,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import gelu_scalar
 from minivlmoe.moe import aux_losses, experts, moe_layer
-from minivlmoe.gradcheck import GradcheckCase, assert_gradients
+from minivlmoe.gradcheck import assert_gradients
+from minivlmoe.testing.moe import moe_layer_case, naive_pool, separated_inputs
+from minivlmoe.testing.ops import naive_ffn
 
 SEEDS = st.integers(0, 2**32 - 1)
 ALL_AUX = {name: 0.1 for name in aux_losses.AUX_LOSSES}
 NO_AUX = {}
 N = 8
 ALTERNATING = np.array([0, 1] * (N // 2))                      # image, text, image, ...
-
-
-def layer_case(x, params, config, modality, noise_seed=None):
-    """Checked output ``[y.ravel(), aux_total]``: the task path and every aux path."""
-
-    def fwd(a):
-        rng = None if noise_seed is None else np.random.default_rng(noise_seed)
-        y, aux, cache = moe_layer.forward(a["x"], a["params"], config, modality, rng=rng,
-                                    train=noise_seed is not None)
-        return np.concatenate([y.ravel(), [aux.aux_total]]), cache
-
-    def bwd(dout, cache):
-        dy = dout[:-1].reshape(cache.shape)                       # (N, D)
-        return dict(zip(("x", "params"), moe_layer.backward(dy, cache, dout[-1])))
-
-    return GradcheckCase("moe", {"x": x, "params": params}, fwd, bwd)
 
 
 def plans(cache):
@@ -71,7 +56,7 @@ def test_gradients_every_option(k, renormalize, drops, bpr, mode):
     config = moe_layer.MoEConfig(num_experts=3, k=k, capacity_factor=0.5 if drops else None,
                            renormalize=renormalize, bpr=bpr, mode=mode, min_experts=3,
                            aux_weights=ALL_AUX, noise_std=0.2)
-    x, params = moe_layer.separated_inputs(rng, config, N, 3, 2, ALTERNATING, noise_seed=1)
+    x, params = separated_inputs(rng, config, N, 3, 2, ALTERNATING, noise_seed=1)
     y, aux, _ = moe_layer.forward(x, params, config, ALTERNATING, rng=np.random.default_rng(1),
                             train=True)
     assert (aux.dropped_fraction > 0) == drops                  # the case is what it says
@@ -79,7 +64,7 @@ def test_gradients_every_option(k, renormalize, drops, bpr, mode):
     for sign in (1, -1):                                        # no decision flips at +-h
         assert_same_routing(config, ALTERNATING, x, params,
                             x + sign * 1e-6 * rng.uniform(-1, 1, x.shape), noise_seed=1)
-    assert_gradients(layer_case(x, params, config, ALTERNATING, noise_seed=1), rng)
+    assert_gradients(moe_layer_case("moe", x, params, config, ALTERNATING, noise_seed=1), rng)
 
 
 @st.composite
@@ -98,7 +83,7 @@ def layer_setup(draw):
     modality = None
     if mode == "modality" or draw(st.booleans()):
         modality = rng.integers(0, 2, size=n)
-    x, params = moe_layer.separated_inputs(rng, config, n, d, hidden, modality)
+    x, params = separated_inputs(rng, config, n, d, hidden, modality)
     return rng, x, params, config, modality
 
 
@@ -106,50 +91,11 @@ def layer_setup(draw):
 @given(layer_setup())
 def test_gradients_random_shapes(setup):
     rng, x, params, config, modality = setup
-    assert_gradients(layer_case(x, params, config, modality), rng)
+    assert_gradients(moe_layer_case("moe", x, params, config, modality), rng)
 
 
 # ----------------------------------------------------------------------------------------
 # forward against the definition, written with loops
-
-
-def naive_ffn(x_row, p):
-    w1, b1 = p["fc1"]["W"].toarray(), p["fc1"]["b"]
-    w2, b2 = p["fc2"]["W"].toarray(), p["fc2"]["b"]
-    a = w1 @ x_row + b1
-    h = np.array([gelu_scalar(v) for v in a])
-    return w2 @ h + b2
-
-
-def naive_pool(x, pool, config):
-    """y[n] = sum_e G[n, e] FFN_e(x[n]), G from a token-by-token router and capacity loop."""
-    n, e, k = x.shape[0], config.num_experts, config.k
-    w, b = pool["router"]["W"].toarray(), pool["router"]["b"]
-    top, gates, prio = [], [], []
-    for t in range(n):
-        logits = w @ x[t] + b
-        p = np.exp(logits - logits.max())
-        p /= p.sum()
-        chosen = sorted(range(e), key=lambda i: (-logits[i], i))[:k]
-        total = sum(p[i] for i in chosen) if config.renormalize else 1.0
-        top.append(chosen)
-        gates.append([p[i] / total for i in chosen])
-        prio.append(p[chosen[0]])
-    cap = n if config.capacity_factor is None else math.ceil(
-        round(config.capacity_factor * k * n / e, 9))
-    order = sorted(range(n), key=lambda t: (-prio[t], t)) if config.bpr else range(n)
-    queue = [0] * e
-    kept = np.zeros((n, k), dtype=bool)
-    for j in range(k):
-        for t in order:
-            kept[t, j] = queue[top[t][j]] < cap
-            queue[top[t][j]] += 1
-    y = np.zeros_like(x)
-    for t in range(n):
-        for j in range(k):
-            if kept[t, j]:
-                y[t] += gates[t][j] * naive_ffn(x[t], pool["experts"][f"e{top[t][j]}"])
-    return y, kept
 
 
 @settings(max_examples=12)
@@ -308,7 +254,7 @@ def test_k_equal_e_dropless_is_the_dense_softmax_mixture(seed, e, n):
 def test_logits_of_magnitude_500_give_no_nan(dtype):
     rng = np.random.default_rng(0)
     config = moe_layer.MoEConfig(num_experts=4, k=2, aux_weights=ALL_AUX)
-    x, params = moe_layer.separated_inputs(rng, config, 6, 5, 3, dtype=dtype)
+    x, params = separated_inputs(rng, config, 6, 5, 3, dtype=dtype)
     params["router"]["b"] = (500.0 * np.sign(rng.standard_normal(4))).astype(dtype)
     params["router"]["W"].data *= 300
     y, aux, cache = moe_layer.forward(x, params, config)

@@ -8,7 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minivlmoe.moe import router
-from minivlmoe.gradcheck import GradcheckCase, assert_gradients
+from minivlmoe.gradcheck import GradcheckCase, assert_gradients, check_case
+from minivlmoe.testing.moe import (inputs_for_logits, orthonormal_router, router_case,
+                                   separated_logits)
 
 SEEDS = st.integers(0, 2**32 - 1)
 
@@ -21,8 +23,8 @@ def router_setup(draw):
     k = draw(st.integers(1, e))
     n = draw(st.integers(1, 6))
     d = e + draw(st.integers(0, 3))
-    params = router.orthonormal_router(rng, d, e)
-    x = router.inputs_for_logits(rng, router.separated_logits(rng, n, e), params)
+    params = orthonormal_router(rng, d, e)
+    x = inputs_for_logits(rng, separated_logits(rng, n, e), params)
     return rng, x, params, k, draw(st.booleans())
 
 
@@ -45,17 +47,7 @@ def naive_route(logits, k, renormalize):
 @given(router_setup())
 def test_gradients_of_gates_probs_and_logits(setup):
     rng, x, params, k, renorm = setup
-    e = params["W"].shape[0]
-
-    def fwd(a):
-        r, cache = router.forward(a["x"], a["params"], k, renorm)
-        return np.concatenate([r.gates, r.probs, r.logits], axis=1), cache  # (N, K + 2E)
-
-    def bwd(dout, cache):
-        dg, dp, dl = dout[:, :k], dout[:, k:k + e], dout[:, k + e:]
-        return dict(zip(("x", "params"), router.backward(dg, cache, dp, dl)))
-
-    assert_gradients(GradcheckCase("router", {"x": x, "params": params}, fwd, bwd), rng)
+    assert_gradients(router_case("router", x, params, k, renorm), rng)
 
 
 @given(router_setup())
@@ -75,15 +67,31 @@ def test_gradient_of_gates_only_reaches_the_renormalizer(setup):
 
 
 def test_renormalizer_treated_as_constant_is_caught(rng):
-    """A backward that drops the renormalizer's term gives a wrong gradient (the
-    gradient check above must be able to fail)."""
-    params = router.orthonormal_router(rng, 4, 3)
-    x = router.inputs_for_logits(rng, router.separated_logits(rng, 5, 3), params)
+    """A backward that drops the renormalizer's term gives a wrong gradient, and the
+    gradient check above fails on it (it must be able to fail)."""
+    params = orthonormal_router(rng, 4, 3)
+    x = inputs_for_logits(rng, separated_logits(rng, 5, 3), params)
     r, cache = router.forward(x, params, 2, True)
     dg = rng.standard_normal(r.gates.shape)
     right, _ = router.backward(dg, cache)
     wrong, _ = router.backward(dg, cache._replace(gates=np.zeros_like(r.gates)))  # no sum term
     assert np.abs(right - wrong).max() > 1e-3
+
+    def fwd(a):
+        r, cache = router.forward(a["x"], a["params"], 2, True)
+        return r.gates, cache
+
+    def constant_renormalizer(dout, cache):
+        dx, dparams = router.backward(dout, cache._replace(gates=np.zeros_like(cache.gates)))
+        return {"x": dx, "params": dparams}
+
+    case = GradcheckCase("router(renormalizer as a constant)", {"x": x, "params": params},
+                         fwd, constant_renormalizer)
+    rows = {row.argument: row for row in check_case(case, np.random.default_rng(1))}
+    assert not rows["x"].passed and not rows["params.W"].passed
+    with pytest.raises(AssertionError, match=r"op 'router\(renormalizer as a constant\)', "
+                                             r"argument 'x'"):
+        assert_gradients(case, np.random.default_rng(1))
 
 
 @given(seed=SEEDS, n=st.integers(1, 6), e=st.integers(1, 6), data=st.data())
@@ -93,9 +101,9 @@ def test_matches_naive_routing_including_ties(seed, n, e, data):
     k = data.draw(st.integers(1, e))
     renorm = data.draw(st.booleans())
     d = e
-    params = router.orthonormal_router(rng, d, e)
+    params = orthonormal_router(rng, d, e)
     logits = rng.integers(-2, 3, size=(n, e)).astype(np.float64)
-    x = router.inputs_for_logits(rng, logits, params)
+    x = inputs_for_logits(rng, logits, params)
     r, _ = router.forward(x, params, k, renorm)
     logits = np.round(r.logits, 9)               # exact ties despite round-off in x W^T + b
     experts, gates = naive_route(logits, k, renorm)
@@ -154,9 +162,9 @@ def test_margin_definition():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_logits_of_magnitude_500_give_no_nan(rng, dtype):
-    params = router.orthonormal_router(rng, 6, 4, dtype)
+    params = orthonormal_router(rng, 6, 4, dtype)
     logits = 500.0 * np.sign(rng.standard_normal((7, 4))) * rng.uniform(0.5, 1, (7, 4))
-    x = router.inputs_for_logits(rng, logits, params)
+    x = inputs_for_logits(rng, logits, params)
     for renorm in (True, False):
         r, cache = router.forward(x, params, 2, renorm)
         assert r.gates.dtype == dtype and np.all(np.isfinite(r.gates))

@@ -299,23 +299,3 @@ def combine_backward(dy, cache):
     dgates = np.zeros(n * k, dtype=ys.dtype)                     # (N*K,)
     dgates[plan.slot_token.astype(np.int64) * k + plan.slot_rank] = dslot_gate
     return dys, dgates.reshape(n, k)                             # (N, K)
-
-
-def gradcheck_cases(rng):
-    """Float64 dispatch and combine cases on a plan with drops (the plan is fixed)."""
-    from ..gradcheck import GradcheckCase
-
-    n, k, e, d = 7, 2, 3, 4
-    experts = np.argsort(rng.random((n, e)), axis=1)[:, :k]      # (N, K) distinct per row
-    plan = make_plan(experts, e, capacity(n, e, k, 0.8), np.arange(n))
-    m = plan.num_slots
-    return [
-        GradcheckCase("dispatch(x -> Disp^T x)", {"x": rng.standard_normal((n, d))},
-                      lambda a: dispatch_forward(a["x"], plan),
-                      lambda dout, cache: {"x": dispatch_backward(dout, cache)}),
-        GradcheckCase("combine(Comb Ys)",
-                      {"ys": rng.standard_normal((m, d)), "gates": rng.random((n, k))},
-                      lambda a: combine_forward(a["ys"], a["gates"], plan),
-                      lambda dout, cache: dict(zip(("ys", "gates"),
-                                                   combine_backward(dout, cache)))),
-    ]

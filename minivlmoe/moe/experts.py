@@ -97,19 +97,3 @@ def backward(dys, cache):
             continue
         dxs[lo:hi], dparams[name] = ffn.backward(dys[lo:hi], caches[e])  # (M_e, D)
     return dxs, dparams
-
-
-def gradcheck_cases(rng):
-    """A float64 pool of 3 experts, one of them idle (its gradient must be zero)."""
-    from ..gradcheck import GradcheckCase
-
-    params = init(rng, 4, 5, 3, dtype=np.float64)
-    for p in params.values():
-        p["fc1"]["b"] = rng.standard_normal(5)
-        p["fc2"]["b"] = rng.standard_normal(4)
-    offsets = np.array([0, 3, 3, 7])
-    return [GradcheckCase("experts(E=3, one idle)",
-                          {"xs": rng.standard_normal((7, 4)), "params": params},
-                          lambda a: forward(a["xs"], offsets, a["params"]),
-                          lambda dout, cache: dict(zip(("xs", "params"),
-                                                       backward(dout, cache))))]

@@ -42,10 +42,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-import scipy.sparse as sp
 
 from ..ops import softmax, sparse_linear
-from ..tree import csr_on_pattern
 from .._checks import check_array, check_float, check_same_dtype
 
 
@@ -199,79 +197,3 @@ def backward(dgates, cache, dprobs=None, dlogits=None):
     # logits = x W^T + b (+ noise, a constant)
     dx, dparams = sparse_linear.backward(dlog, lin_cache)        # (N, D)
     return dx, dparams
-
-
-# ----------------------------------------------------------------------------------------
-# inputs with well-separated routing decisions (tests, docs and gradcheck cases)
-
-
-def separated_logits(rng, n, num_experts, spacing=0.5, dtype=np.float64):
-    """Logits (N, E) whose routing is far from every discontinuity.
-
-    In each row, consecutive sorted logits differ by at least ``spacing`` (so no top-k
-    choice flips under a perturbation much smaller than ``spacing``), and the gap
-    between a row's best and second-best logit is ``spacing * (1 + r/N)`` for a
-    random rank ``r`` distinct per token, so the top-1 probabilities (the Batch
-    Priority Routing priorities) of different tokens differ too.  Each row is shifted
-    by a random offset and its order of experts is a random permutation.
-    """
-    rank = rng.permutation(n)                                    # (N,) distinct
-    first_gap = spacing * (1.0 + rank / max(n, 1))               # (N,)
-    steps = np.arange(num_experts - 1) * spacing                 # (E-1,)
-    levels = np.concatenate([np.zeros((n, 1)),
-                             -(first_gap[:, None] + steps[None, :])], axis=1)  # (N, E)
-    levels += rng.uniform(-1.0, 1.0, size=(n, 1))                # (N, E) random row shift
-    perm = np.argsort(rng.random((n, num_experts)), axis=1)      # (N, E) random permutation
-    logits = np.empty((n, num_experts))                          # (N, E)
-    np.put_along_axis(logits, perm, levels, axis=1)
-    return logits.astype(dtype)
-
-
-def orthonormal_router(rng, d, num_experts, dtype=np.float64):
-    """Dense-pattern router params whose W (E, D) has orthonormal rows (needs D >= E),
-    and a random bias; with them :func:`inputs_for_logits` hits any target logits."""
-    if d < num_experts:
-        raise ValueError(f"d must be >= num_experts={num_experts}, got {d}")
-    q, _ = np.linalg.qr(rng.standard_normal((d, num_experts)))  # (D, E) orthonormal columns
-    w = q.T                                                      # (E, D) orthonormal rows
-    cols = np.tile(np.arange(d), num_experts)                    # (E*D,) every column
-    W = csr_on_pattern(w.reshape(-1).astype(dtype), cols.astype(np.int32),
-                       np.arange(0, num_experts * d + 1, d, dtype=np.int32), (num_experts, d))
-    return {"W": W, "b": (0.3 * rng.standard_normal(num_experts)).astype(dtype)}
-
-
-def inputs_for_logits(rng, logits, params):
-    """Tokens ``x`` (N, D) with ``x W^T + b = logits`` exactly (up to round-off), for a
-    router from :func:`orthonormal_router`; the part of ``x`` orthogonal to W's rows
-    is random, so ``x`` still looks like generic activations."""
-    w = params["W"].toarray()                                    # (E, D)
-    n, d = logits.shape[0], w.shape[1]
-    free = rng.standard_normal((n, d))                           # (N, D)
-    free -= (free @ w.T) @ w                                     # (N, D) orthogonal to rows
-    x = (logits - params["b"]) @ w + free                        # (N, D)
-    return x.astype(params["b"].dtype)
-
-
-def gradcheck_cases(rng):
-    """Float64 router cases (k, convention); the checked output is the concatenation
-    ``[gates, probs, logits]`` so one case exercises all three upstream paths."""
-    from ..gradcheck import GradcheckCase
-
-    cases = []
-    n, d, e = 6, 5, 4
-    for k, renorm in ((1, False), (2, True), (3, True), (2, False)):
-        params = orthonormal_router(rng, d, e)
-        x = inputs_for_logits(rng, separated_logits(rng, n, e), params)
-
-        def fwd(a, k=k, renorm=renorm):
-            r, cache = forward(a["x"], a["params"], k, renorm)
-            return np.concatenate([r.gates, r.probs, r.logits], axis=1), cache  # (N, K+2E)
-
-        def bwd(dout, cache, k=k):
-            dg, dp, dl = dout[:, :k], dout[:, k:k + e], dout[:, k + e:]
-            return dict(zip(("x", "params"), backward(dg, cache, dp, dl)))
-
-        name = "renormalized" if renorm else "raw"
-        cases.append(GradcheckCase(f"router(k={k}, {name})", {"x": x, "params": params},
-                                   fwd, bwd))
-    return cases

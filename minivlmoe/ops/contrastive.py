@@ -186,24 +186,3 @@ def backward(dloss, cache):
     # scale = exp(log_temp)  ->  d log_temp = dscale * scale
     dlog_temp = np.asarray(dscale * scale, dtype=dtype)          # ()
     return dimg.astype(dtype, copy=False), dtxt.astype(dtype, copy=False), dlog_temp
-
-
-def gradcheck_cases(rng):
-    """Small float64 cases: identity positives, and duplicate captions."""
-    from ..gradcheck import GradcheckCase
-
-    def unit_rows(a):
-        return a / np.linalg.norm(a, axis=1, keepdims=True)
-
-    def case(name, positives):
-        b = 4
-        inputs = {"img": unit_rows(rng.standard_normal((b, 3))),
-                  "txt": unit_rows(rng.standard_normal((b, 3))),
-                  "log_temp": np.array(LOG_TEMP_INIT - 1.0)}
-        return GradcheckCase(
-            name, inputs,
-            lambda a: forward(a["img"], a["txt"], a["log_temp"], positives),
-            lambda dout, cache: dict(zip(("img", "txt", "log_temp"), backward(dout, cache))))
-
-    return [case("contrastive", None),
-            case("contrastive(duplicates)", duplicate_positives(np.array([7, 3, 7, 5])))]

@@ -110,19 +110,3 @@ def backward(dloss, cache):
     dz = probs * dnll[:, None]                                   # (N, V)
     dz[rows, t] -= dnll                                          # (N, V) only kept rows move
     return dz.reshape(shape)                                     # (..., V)
-
-
-def gradcheck_cases(rng):
-    """Small float64 cases: with some ignored positions, and with 2 leading axes."""
-    from ..gradcheck import GradcheckCase
-
-    def case(name, logits, targets):
-        return GradcheckCase(name, {"logits": logits, "targets": targets},
-                             lambda a: forward(a["logits"], a["targets"]),
-                             lambda dout, cache: {"logits": backward(dout, cache)})
-
-    targets = rng.integers(0, 7, size=5)
-    targets[[1, 3]] = -100
-    return [case("cross_entropy(ignore_index)", 2.0 * rng.standard_normal((5, 7)), targets),
-            case("cross_entropy(B, T, V)", rng.standard_normal((2, 3, 4)),
-                 rng.integers(0, 4, size=(2, 3)))]

@@ -91,21 +91,3 @@ def backward(dy, cache):
     da = gelu.backward(dh, cache.act)                            # (..., F)
     dx, dfc1 = sparse_linear.backward(da, cache.fc1)            # (..., D)
     return dx, {"fc1": dfc1, "fc2": dfc2}
-
-
-def gradcheck_cases(rng):
-    """Small float64 cases for ``python -m minivlmoe gradcheck``: dense and sparse weights."""
-    from ..gradcheck import GradcheckCase
-
-    cases = []
-    for density in (1.0, 0.5):
-        params = init(rng, 5, 7, density, dtype=np.float64)
-        params["fc1"]["b"] = rng.standard_normal(7)
-        params["fc2"]["b"] = rng.standard_normal(5)
-        cases.append(GradcheckCase(
-            f"ffn(density={density})",
-            {"x": rng.standard_normal((2, 3, 5)), "params": params},
-            lambda a: forward(a["x"], a["params"]),
-            lambda dout, cache: dict(zip(("x", "params"), backward(dout, cache))),
-        ))
-    return cases

@@ -77,12 +77,3 @@ def backward(dout, cache):
     slope += 0.5 * t1                                            #       + ½ t
     slope += 0.5                                                 #       + ½  ->  gelu'(x)
     return np.asarray(dout) * slope.reshape(x.shape, order=order)  # (...)
-
-
-def gradcheck_cases(rng):
-    """One small float64 case for the CLI report."""
-    from ..gradcheck import GradcheckCase
-
-    return [GradcheckCase("gelu", {"x": 2.0 * rng.standard_normal((3, 7))},
-                          lambda a: forward(a["x"]),
-                          lambda dout, cache: {"x": backward(dout, cache)})]

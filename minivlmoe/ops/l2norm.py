@@ -86,19 +86,3 @@ def backward(dy, cache):
     dot = np.where(normalized, dot, 0.0)                         # (..., 1) q = eps: no dq path
     dx = (dy - y * dot) / q                                      # (..., D)
     return dx.astype(y.dtype, copy=False)
-
-
-def gradcheck_cases(rng):
-    """Small float64 cases: ordinary rows, and a mix of normalized and clamped rows."""
-    from ..gradcheck import GradcheckCase
-
-    x = rng.standard_normal((3, 5))
-    mixed = rng.standard_normal((4, 3))
-    mixed[1:3] *= 1e-3                                           # norms ~2e-3 < eps = 0.1
-    cases = []
-    for name, x_, eps in (("l2norm", x, 1e-12), ("l2norm(clamped rows)", mixed, 0.1)):
-        cases.append(GradcheckCase(
-            name, {"x": x_},
-            lambda a, eps=eps: forward(a["x"], eps=eps),
-            lambda dout, cache: {"x": backward(dout, cache)}))
-    return cases

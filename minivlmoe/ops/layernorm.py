@@ -113,20 +113,3 @@ def backward(dy, cache):
     dtype = xhat.dtype
     return dx.astype(dtype, copy=False), {"gamma": dgamma.astype(dtype, copy=False),
                                           "beta": dbeta.astype(dtype, copy=False)}
-
-
-def gradcheck_cases(rng):
-    """Small float64 cases: (N, D) and (B, S, D) with non-trivial gamma and beta."""
-    from ..gradcheck import GradcheckCase
-
-    cases = []
-    for shape in ((4, 6), (2, 3, 5)):
-        d = shape[-1]
-        params = {"gamma": 1.0 + 0.5 * rng.standard_normal(d),
-                  "beta": rng.standard_normal(d)}
-        x = 3.0 * rng.standard_normal(shape) + 1.0
-        cases.append(GradcheckCase(
-            f"layernorm{shape}", {"x": x, "params": params},
-            lambda a: forward(a["x"], a["params"]),
-            lambda dout, cache: dict(zip(("x", "params"), backward(dout, cache)))))
-    return cases

@@ -196,21 +196,3 @@ def backward(dtokens, cache):
     # patches = extract_patches(images)  ->  the inverse rearrange
     dimages = merge_patches(dpatches, patch)                       # (B, R, R, Ch)
     return dimages, {"proj": dproj, "cls": dcls, "pos": dpos}
-
-
-def gradcheck_cases(rng):
-    """Small float64 cases for ``python -m minivlmoe gradcheck``: dense and sparse projection."""
-    from ..gradcheck import GradcheckCase
-
-    cases = []
-    for density, R, p, Ch, d in ((1.0, 4, 2, 3, 5), (0.3, 6, 3, 2, 4)):
-        params = init(rng, R, p, Ch, d, density, dtype=np.float64)
-        params["proj"]["b"] = rng.standard_normal(d)
-        images = rng.standard_normal((2, R, R, Ch))
-        cases.append(GradcheckCase(
-            f"patch_embed(R={R}, patch={p}, density={density})",
-            {"images": images, "params": params},
-            lambda a, p=p: forward(a["images"], a["params"], p),
-            lambda dout, cache: dict(zip(("images", "params"), backward(dout, cache))),
-        ))
-    return cases

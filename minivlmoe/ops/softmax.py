@@ -114,20 +114,3 @@ def backward(dp, cache):
     dot = np.sum(p * dp, axis=axis, keepdims=True)               # (..., 1, ...)
     dx = p * (dp - dot)                                          # (...)
     return dx.astype(p.dtype, copy=False)
-
-
-def gradcheck_cases(rng):
-    """Small float64 cases: the last axis, a middle axis, and -inf (masked) entries."""
-    from ..gradcheck import GradcheckCase
-
-    def case(name, x, axis):
-        return GradcheckCase(name, {"x": x},
-                             lambda a: forward(a["x"], axis=axis),
-                             lambda dout, cache: {"x": backward(dout, cache)})
-
-    masked = rng.standard_normal((3, 5))
-    masked[0, [1, 3]] = -np.inf                                  # two masked keys
-    masked[2] = -np.inf                                          # a fully masked row
-    return [case("softmax(axis=-1)", 2.0 * rng.standard_normal((3, 6)), -1),
-            case("softmax(axis=1)", rng.standard_normal((2, 5, 3)), 1),
-            case("softmax(-inf masked)", masked, -1)]

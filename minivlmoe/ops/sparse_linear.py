@@ -260,25 +260,3 @@ def backward(dy, cache):
     dx = dx.reshape(*lead, d_in)                                 # (..., Din)
     dW = with_values(W, dW_data.astype(W.dtype, copy=False))
     return dx, {"W": dW, "b": db}
-
-
-def gradcheck_cases(rng):
-    """Small float64 cases for ``python -m minivlmoe gradcheck``: one per kernel path."""
-    from ..gradcheck import GradcheckCase
-
-    cases = []
-    for name, density, d_in, d_out, group in (("dense path", 1.0, 5, 4, 16),
-                                              ("dense path", 0.3, 40, 6, 16),
-                                              ("grouped", 0.05, 60, 8, 4),
-                                              ("per-entry gather", 0.01, 120, 3, 1),
-                                              ("CSR + GEMM", 0.05, 60, 5, 1)):
-        params = init(rng, d_in, d_out, density, dtype=np.float64, group=group)
-        params["b"] = rng.standard_normal(d_out)
-        x = rng.standard_normal((2, 3, d_in))
-        cases.append(GradcheckCase(
-            f"sparse_linear({name}, density={density})",
-            {"x": x, "params": params},
-            lambda a: forward(a["x"], a["params"]),
-            lambda dout, cache: dict(zip(("x", "params"), backward(dout, cache))),
-        ))
-    return cases

@@ -115,17 +115,3 @@ def backward(dx, cache):
     dtok = np.zeros((V, D), dtype=dx.dtype)                       # (V, D)
     np.add.at(dtok, ids.reshape(-1), dx.reshape(B * T, D))        # (N,) ids, (N, D) rows
     return {"tok": dtok, "pos": dpos}
-
-
-def gradcheck_cases(rng):
-    """One small float64 case with repeated ids and T < Tmax."""
-    from ..gradcheck import GradcheckCase
-
-    params = init(rng, 5, 6, 3, dtype=np.float64)
-    ids = np.array([[1, 3, 1, 1], [0, 3, 4, 1]])                  # (B=2, T=4), repeats
-    return [GradcheckCase(
-        "token_embed(V=5, Tmax=6, repeated ids)",
-        {"ids": ids, "params": params},
-        lambda a: forward(a["ids"], a["params"]),
-        lambda dout, cache: {"params": backward(dout, cache)},
-    )]
