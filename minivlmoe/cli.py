@@ -223,7 +223,7 @@ def cmd_caption(args):
 
 def cmd_retrieve(args):
     from . import model
-    from .data import to_ascii
+    from .world import to_ascii
     from .evaluate import embed_images
     from .tokenizer import PAD_ID, UNK_ID, tokenize
 

@@ -33,7 +33,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import metrics, model
-from .data import COLORS, SHAPES, SIZES, ImageCaptionDataset
+from .data import ImageCaptionDataset
+from .scenes import COLORS, SHAPES, SIZES
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 ZERO_SHOT_ATTRIBUTES = ("color", "shape", "size")

@@ -48,7 +48,8 @@ import numpy as np
 
 from . import checkpoint, evaluate, model, optim
 from ._checks import check_choice, check_float, check_int
-from .data import grammar_words, make_splits, max_caption_words
+from .scenes import grammar_words, max_caption_words
+from .world import make_splits
 from .tokenizer import PAD_ID, Tokenizer
 
 RUN_FORMAT = "minivlmoe-run"

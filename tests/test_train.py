@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from minivlmoe import checkpoint, evaluate, metrics, train
-from minivlmoe.data import parse_caption
+from minivlmoe.scenes import parse_caption
 
 
 def tiny(steps=12, eval_every=6, **overrides):
