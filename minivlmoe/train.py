@@ -48,6 +48,7 @@ import numpy as np
 
 from . import checkpoint, evaluate, model, optim
 from ._checks import check_int
+from .data import minibatch_indices
 from .runs import (CKPT_NAME, CONFIG_NAME, METRICS_NAME, TrainConfig, append_jsonl,
                    builtin_tokenizer, load_checkpoint, make_data, run_config,
                    truncate_metrics)
@@ -61,11 +62,12 @@ PROGRESS_EVERY_S = 2.0
 class BatchStream:
     """Shuffled batches of ``range(n)``, one permutation per epoch, resumable exactly.
 
-    Each epoch draws ``rng.permutation(n)`` and yields its consecutive ``batch_size``
-    slices; the incomplete tail of a permutation is dropped (every batch is full).
-    :meth:`state` is the generator's state *before* the current epoch's permutation
-    was drawn plus the offset into it; :meth:`from_state` redraws the same permutation
-    from that state, which also leaves the generator where it was.
+    Each epoch is one pass of :func:`minivlmoe.data.minibatch_indices` with
+    ``drop_last=True`` (the one shuffler: it draws ``rng.permutation(n)`` and yields its
+    consecutive ``batch_size`` slices; the incomplete tail is dropped, so every batch is
+    full).  :meth:`state` is the generator's state *before* the current epoch's
+    permutation was drawn plus the offset into it; :meth:`from_state` redraws the same
+    permutation from that state, which also leaves the generator where it was.
     """
 
     def __init__(self, n, batch_size, rng):
@@ -76,14 +78,15 @@ class BatchStream:
 
     def _new_epoch(self):
         self.epoch_state = self.rng.bit_generator.state
-        self.order = self.rng.permutation(self.n)                      # (n,)
+        self.batches = minibatch_indices(self.n, self.batch_size, self.rng, drop_last=True)
         self.pos = 0
 
     def next(self):
         """The next (batch_size,) int64 index array."""
-        if self.pos + self.batch_size > self.n:
+        idx = next(self.batches, None)                                 # (b,)
+        if idx is None:                                                # the epoch is over
             self._new_epoch()
-        idx = self.order[self.pos:self.pos + self.batch_size]          # (b,)
+            idx = next(self.batches)                                   # (b,)
         self.pos += self.batch_size
         return idx
 
@@ -96,7 +99,11 @@ class BatchStream:
         stream.n, stream.batch_size = n, batch_size
         stream.rng = checkpoint.restore_rng(state["epoch_rng"])
         stream._new_epoch()
-        stream.pos = check_int("pos", state["pos"], 0, n)
+        pos = check_int("pos", state["pos"], 0, n)
+        if pos % batch_size:
+            raise ValueError(f"pos must be a multiple of batch_size={batch_size}, got {pos}")
+        for _ in range(pos // batch_size):                             # replay the epoch
+            stream.next()
         return stream
 
 

@@ -71,6 +71,23 @@ def test_batch_stream_matches_naive_epochs(n, batch, seed):
             assert list(idx) == [order[j * batch + i] for i in range(batch)]
 
 
+def test_batch_stream_epochs_are_passes_of_the_one_shuffler():
+    """Each epoch of the stream is one drop_last pass of data.minibatch_indices."""
+    from minivlmoe.data import minibatch_indices
+
+    stream = train.BatchStream(10, 3, np.random.default_rng(4))
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+        for expected in minibatch_indices(10, 3, rng, drop_last=True):
+            assert np.array_equal(stream.next(), expected)
+
+
+def test_batch_stream_refuses_a_position_between_batches():
+    state = train.BatchStream(10, 3, np.random.default_rng(0)).state()
+    with pytest.raises(ValueError, match="pos must be a multiple of batch_size=3, got 4"):
+        train.BatchStream.from_state(10, 3, {**state, "pos": 4})
+
+
 def test_section_timer_charges_innermost_section(monkeypatch):
     clock = iter([0.0, 2.0, 5.0, 6.0])                 # outer in, inner in, inner out, outer out
     monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
