@@ -24,7 +24,7 @@ One caption uses one relation.  :func:`parse_caption` inverts :func:`caption_of`
 generated images (what they show and where), from which :meth:`Records.scene` reads
 each image's scene.  The images themselves are drawn in :mod:`minivlmoe.world`.
 
-Axis letters (see minivlmoe/__init__.py): B images, M object slots (``max_objects``).
+Axis letters (see minivlmoe/__init__.py): B images, O object slots (``max_objects``).
 """
 
 from __future__ import annotations
@@ -116,9 +116,9 @@ class Records(NamedTuple):
 
     n_objects : (B,) int, objects per image.
     relation : (B,) int, index into RELATIONS (0 row, 1 column), -1 for one object.
-    size, color, shape : (B, M) int, indices into SIZES, COLORS, SHAPES; -1 = empty slot.
-    top, left : (B, M) int, pixel row and column of each object's box corner; -1 = empty.
-    extent : (B, M) int, side of each object's square box in pixels; 0 = empty.
+    size, color, shape : (B, O) int, indices into SIZES, COLORS, SHAPES; -1 = empty slot.
+    top, left : (B, O) int, pixel row and column of each object's box corner; -1 = empty.
+    extent : (B, O) int, side of each object's square box in pixels; 0 = empty.
     """
     n_objects: np.ndarray
     relation: np.ndarray

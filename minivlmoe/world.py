@@ -29,7 +29,7 @@ them, so compositional generalization can be measured separately.  The generator
 :class:`minivlmoe.data.ImageCaptionDataset` objects with ``records`` and ``heldout`` set.
 
 Axis letters (see minivlmoe/__init__.py): B images, R image side, Ch = 3 channels, and
-M object slots (``max_objects``).
+O object slots (``max_objects``).
 """
 
 from __future__ import annotations
@@ -128,8 +128,8 @@ class World:
     def pair_ids(self):
         """(seen, held) int arrays of pair ids ``color * len(SHAPES) + shape``."""
         held = np.array([COLORS.index(c) * len(SHAPES) + SHAPES.index(s)
-                         for c, s in self.heldout], dtype=np.int64)    # (number held,)
-        seen = np.setdiff1d(np.arange(len(COLORS) * len(SHAPES)), held)  # (number seen,)
+                         for c, s in self.heldout], dtype=np.int64)    # held-out pair ids
+        seen = np.setdiff1d(np.arange(len(COLORS) * len(SHAPES)), held)  # seen pair ids
         return seen, held
 
     def sample(self, n, rng, *, split="train"):
@@ -154,7 +154,7 @@ class World:
             np.clip(images, 0.0, 1.0, out=images)
         captions = [caption_of(records.scene(i)) for i in range(n)]
         held = np.isin(records.color * len(SHAPES) + records.shape,
-                       self.pair_ids()[1]) & (records.extent > 0)      # (B, M)
+                       self.pair_ids()[1]) & (records.extent > 0)      # (B, O)
         return ImageCaptionDataset(images, captions, records=records,
                                    heldout=held.any(axis=1))           # (B,)
 
@@ -173,64 +173,64 @@ def make_splits(seed=0, n_train=4096, n_test=512, **world_options):
 
 def _sample_records(world, n, n_held, rng):
     """Draw attributes and positions of n images; the first step of :meth:`World.sample`."""
-    R, M = world.image_size, world.max_objects
+    R, n_slots = world.image_size, world.max_objects
     small, large = world.extents
-    n_objects = rng.integers(1, M + 1, size=n)                         # (B,)
+    n_objects = rng.integers(1, n_slots + 1, size=n)                   # (B,)
     relation = np.where(n_objects > 1, rng.integers(0, 2, size=n), -1)  # (B,)
-    exists = np.arange(M) < n_objects[:, None]                         # (B, M)
+    exists = np.arange(n_slots) < n_objects[:, None]                   # (B, O)
 
     # (color, shape) pairs: seen pairs everywhere, then one held-out object in n_held images
     seen, held = world.pair_ids()
-    pair = seen[rng.integers(len(seen), size=(n, M))]                  # (B, M)
+    pair = seen[rng.integers(len(seen), size=(n, n_slots))]            # (B, O)
     if n_held:
-        rows = rng.permutation(n)[:n_held]                             # (n_held,)
-        slots = rng.integers(n_objects[rows])                          # (n_held,)
+        rows = rng.permutation(n)[:n_held]                             # (Bh,)
+        slots = rng.integers(n_objects[rows])                          # (Bh,)
         pair[rows, slots] = held[rng.integers(len(held), size=n_held)]
-    color, shape = np.divmod(pair, len(SHAPES))                        # (B, M) each
+    color, shape = np.divmod(pair, len(SHAPES))                        # (B, O) each
 
-    size = np.full((n, M), -1)                                         # (B, M)
-    top = np.full((n, M), -1)                                          # (B, M)
-    left = np.full((n, M), -1)                                         # (B, M)
-    for k in range(1, M + 1):      # images with k objects: positions depend on k
-        rows = np.flatnonzero(n_objects == k)                          # (Bk,)
+    size = np.full((n, n_slots), -1)                                   # (B, O)
+    top = np.full((n, n_slots), -1)                                    # (B, O)
+    left = np.full((n, n_slots), -1)                                   # (B, O)
+    for o in range(1, n_slots + 1):    # the Bo images with o objects: positions depend on o
+        rows = np.flatnonzero(n_objects == o)                          # (Bo,)
         # sizes: uniform over the size tuples whose boxes fit along one axis
-        fits = [t for t in product((0, 1), repeat=k)
-                if sum((small, large)[s] for s in t) + (k - 1) * GAP <= R]
-        size_k = np.array(fits)[rng.integers(len(fits), size=len(rows))]  # (Bk, k)
-        ext = np.where(size_k == 1, large, small)                      # (Bk, k)
-        if k == 1:
-            top_k = rng.integers(0, R - ext + 1)                       # (Bk, 1)
-            left_k = rng.integers(0, R - ext + 1)                      # (Bk, 1)
+        fits = [t for t in product((0, 1), repeat=o)
+                if sum((small, large)[s] for s in t) + (o - 1) * GAP <= R]
+        size_o = np.array(fits)[rng.integers(len(fits), size=len(rows))]  # (Bo, o)
+        ext = np.where(size_o == 1, large, small)                      # (Bo, o)
+        if o == 1:
+            top_o = rng.integers(0, R - ext + 1)                       # (Bo, 1)
+            left_o = rng.integers(0, R - ext + 1)                      # (Bo, 1)
         else:
-            along, across = _layout(ext, R, small, rng)                # (Bk, k) each
-            row = relation[rows, None] == 0                            # (Bk, 1)
-            top_k = np.where(row, across, along)                       # (Bk, k)
-            left_k = np.where(row, along, across)                      # (Bk, k)
-        size[rows, :k], top[rows, :k], left[rows, :k] = size_k, top_k, left_k
-    extent = np.where(exists, np.where(size == 1, large, small), 0)    # (B, M)
+            along, across = _layout(ext, R, small, rng)                # (Bo, o) each
+            row = relation[rows, None] == 0                            # (Bo, 1)
+            top_o = np.where(row, across, along)                       # (Bo, o)
+            left_o = np.where(row, along, across)                      # (Bo, o)
+        size[rows, :o], top[rows, :o], left[rows, :o] = size_o, top_o, left_o
+    extent = np.where(exists, np.where(size == 1, large, small), 0)    # (B, O)
     color, shape = np.where(exists, color, -1), np.where(exists, shape, -1)
     return Records(n_objects, relation, size, color, shape, top, left, extent)
 
 
 def _layout(ext, R, small, rng):
-    """Box corners of k >= 2 objects per image along and across the layout axis.
+    """Box corners of o >= 2 objects per image along and across the layout axis.
 
     Along: boxes in order with >= GAP pixels between them; the free pixels are split at
-    random into the k + 1 gaps.  Across: corners at ``c + u - ext // 2`` for one center
+    random into the o + 1 gaps.  Across: corners at ``c + u - ext // 2`` for one center
     ``c`` per image and a jitter ``|u| <= J = small // 2 - 1`` per object, so any two
     boxes' across-ranges overlap (|u1 - u2| <= 2J < the smaller half-sizes' sum).
     """
-    Bk, k = ext.shape
-    slack = R - ext.sum(1) - (k - 1) * GAP                             # (Bk,) >= 0
-    w = rng.random((Bk, k + 1))                                        # (Bk, k+1)
+    Bo, o = ext.shape
+    slack = R - ext.sum(1) - (o - 1) * GAP                             # (Bo,) >= 0
+    w = rng.random((Bo, o + 1))                                        # (Bo, o+1)
     free = np.floor(w / w.sum(1, keepdims=True) * slack[:, None]).astype(np.int64)
-    step = np.concatenate([np.zeros((Bk, 1), np.int64), ext[:, :-1] + GAP], axis=1)
-    along = np.cumsum(free[:, :k] + step, axis=1)                      # (Bk, k)
+    step = np.concatenate([np.zeros((Bo, 1), np.int64), ext[:, :-1] + GAP], axis=1)
+    along = np.cumsum(free[:, :o] + step, axis=1)                      # (Bo, o)
     J = small // 2 - 1
-    widest = ext.max(1)                                                # (Bk,)
-    center = rng.integers(J + widest // 2, R - J - (widest - widest // 2) + 1)  # (Bk,)
-    jitter = rng.integers(-J, J + 1, size=(Bk, k))                     # (Bk, k)
-    across = center[:, None] + jitter - ext // 2                       # (Bk, k)
+    widest = ext.max(1)                                                # (Bo,)
+    center = rng.integers(J + widest // 2, R - J - (widest - widest // 2) + 1)  # (Bo,)
+    jitter = rng.integers(-J, J + 1, size=(Bo, o))                     # (Bo, o)
+    across = center[:, None] + jitter - ext // 2                       # (Bo, o)
     return along, across
 
 
@@ -256,11 +256,11 @@ def _render(records, R):
     q = (i + 0.5) / (s / 2) - 1 for a box of side s, is inside the box when p, q < 1, and
     is painted when it is inside the object's shape.  Boxes never overlap.
     """
-    B, M = records.extent.shape
+    B, n_slots = records.extent.shape
     images = np.zeros((B, R, R, 3), dtype=np.float32)                  # (B, R, R, 3)
     L = int(records.extent.max())
     ij = np.arange(L) + 0.5                                            # (L,)
-    for m in range(M):                                                 # object slots
+    for m in range(n_slots):                                           # object slots
         b = np.flatnonzero(records.extent[:, m] > 0)                   # (Bm,)
         half = records.extent[b, m][:, None, None] / 2.0               # (Bm, 1, 1)
         q = ij[None, :, None] / half - 1.0                             # (Bm, L, 1)
@@ -268,10 +268,10 @@ def _render(records, R):
         masks = np.stack([shape_mask(s, p, q) for s in SHAPES])        # (4, Bm, L, L)
         mask = masks[records.shape[b, m], np.arange(len(b))]           # (Bm, L, L)
         mask &= (p < 1.0) & (q < 1.0)
-        nb, i, j = np.nonzero(mask)                                    # (painted,) each
-        rows = b[nb]                                                   # (painted,)
+        nb, i, j = np.nonzero(mask)                                    # (A,) each
+        rows = b[nb]                                                   # (A,)
         images[rows, records.top[rows, m] + i, records.left[rows, m] + j] = \
-            PALETTE[records.color[rows, m]]                            # (painted, 3)
+            PALETTE[records.color[rows, m]]                            # (A, 3)
     return images
 
 
