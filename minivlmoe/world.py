@@ -268,10 +268,10 @@ def _render(records, R):
         masks = np.stack([shape_mask(s, p, q) for s in SHAPES])        # (4, Bm, L, L)
         mask = masks[records.shape[b, m], np.arange(len(b))]           # (Bm, L, L)
         mask &= (p < 1.0) & (q < 1.0)
-        nb, i, j = np.nonzero(mask)                                    # (A,) each
-        rows = b[nb]                                                   # (A,)
+        nb, i, j = np.nonzero(mask)                                    # (Px,) each
+        rows = b[nb]                                                   # (Px,)
         images[rows, records.top[rows, m] + i, records.left[rows, m] + j] = \
-            PALETTE[records.color[rows, m]]                            # (A, 3)
+            PALETTE[records.color[rows, m]]                            # (Px, 3)
     return images
 
 

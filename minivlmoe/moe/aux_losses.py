@@ -375,7 +375,7 @@ def _softmax(logits):
 
 def _top_k_indicator(probs, k):
     """0/1 (N, E) indicator of the k largest entries per row (lowest index wins ties)."""
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]     # (N, k)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]     # (N, K)
     assign = np.zeros(probs.shape)                               # (N, E)
     np.put_along_axis(assign, order, 1.0, axis=1)
     return assign
