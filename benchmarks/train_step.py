@@ -25,7 +25,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from minivlmoe import model, optim, train
+from minivlmoe import model, optim, runs, train
 from minivlmoe.moe import aux_losses, dispatch, experts, router
 from minivlmoe.tokenizer import PAD_ID  # noqa: E402
 
@@ -62,20 +62,20 @@ def instrument_moe(holder):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="default", choices=sorted(train.PRESETS))
-    parser.add_argument("--experts", default=None, choices=train.EXPERT_MODES)
+    parser.add_argument("--preset", default="default", choices=sorted(runs.PRESETS))
+    parser.add_argument("--experts", default=None, choices=runs.EXPERT_MODES)
     parser.add_argument("--steps", type=int, default=20, help="timed steps (20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (3)")
     parser.add_argument("--batch-size", type=int, default=None)
     args = parser.parse_args()
 
-    mcfg, tcfg = train.preset_configs(args.preset, experts=args.experts,
+    mcfg, tcfg = runs.preset_configs(args.preset, experts=args.experts,
                                       batch_size=args.batch_size)
-    tcfg = train.TrainConfig(**{**tcfg.to_dict(), "n_train": max(tcfg.batch_size, 512),
+    tcfg = runs.TrainConfig(**{**tcfg.to_dict(), "n_train": max(tcfg.batch_size, 512),
                                 "n_test": 2, "steps": max(tcfg.steps,
                                                           args.steps + args.warmup)})
-    tokenizer = train.builtin_tokenizer()
-    data = train.make_data(tcfg, mcfg.image_size).train
+    tokenizer = runs.builtin_tokenizer()
+    data = runs.make_data(tcfg, mcfg.image_size).train
     images = data.images.astype(mcfg.dtype)                           # (Bn, R, R, Ch)
     ids = tokenizer.encode(data.captions, mcfg.max_text_len)          # (Bn, T)
     keys = train.evaluate.caption_keys(data.captions)                  # (Bn,)

@@ -64,17 +64,17 @@ def _load_run(path):
 
     Raises CheckpointError (a ValueError) with a one-line message.
     """
-    from . import train
+    from . import runs
 
     if os.path.isdir(path):
-        path = os.path.join(path, train.CKPT_NAME)
-    return train.load_checkpoint(path)
+        path = os.path.join(path, runs.CKPT_NAME)
+    return runs.load_checkpoint(path)
 
 
 def _test_split(model_cfg, train_cfg):
-    from . import train
+    from . import runs
 
-    return train.make_data(train_cfg, model_cfg.image_size).test
+    return runs.make_data(train_cfg, model_cfg.image_size).test
 
 
 def _train_overrides(args):
@@ -88,7 +88,7 @@ def cmd_train(args):
     import dataclasses
     import json
 
-    from . import train
+    from . import runs, train
 
     out = args.out or os.path.join("runs", f"{args.preset or 'default'}-"
                                            f"{args.experts or 'modality'}")
@@ -96,11 +96,11 @@ def cmd_train(args):
     model_kw = {k: v for k, v in (("experts", args.experts), ("dtype", args.dtype))
                 if v is not None}
     if args.resume:
-        config_path = os.path.join(out, train.CONFIG_NAME)
+        config_path = os.path.join(out, runs.CONFIG_NAME)
         try:
             with open(config_path, encoding="utf-8") as f:
                 saved = json.load(f)
-            model_cfg, train_cfg, _ = train.parse_run_config(saved)
+            model_cfg, train_cfg, _ = runs.parse_run_config(saved)
         except (OSError, ValueError) as e:
             return _fail(f"cannot resume from {out}: {config_path} is missing or not a run "
                          f"config ({type(e).__name__})")
@@ -116,12 +116,12 @@ def cmd_train(args):
         except (TypeError, ValueError) as e:
             args.parser.error(str(e))                                   # exit status 2
     else:
-        if os.path.exists(os.path.join(out, train.CKPT_NAME)) and not args.overwrite:
+        if os.path.exists(os.path.join(out, runs.CKPT_NAME)) and not args.overwrite:
             return _fail(f"{out} already holds a run; pass --resume to continue it, "
                          "--overwrite to start again, or choose another --out")
         preset = args.preset or "default"
         try:
-            model_cfg, train_cfg = train.preset_configs(preset, **model_kw, **overrides)
+            model_cfg, train_cfg = runs.preset_configs(preset, **model_kw, **overrides)
         except (TypeError, ValueError) as e:
             args.parser.error(str(e))                                   # exit status 2
     progress = None if args.quiet else sys.stderr
@@ -140,8 +140,8 @@ def cmd_train(args):
         from .evaluate import format_report
 
         print(format_report(result.evaluations[-1]))
-    print(f"metrics: {os.path.join(out, train.METRICS_NAME)}  checkpoint: "
-          f"{os.path.join(out, train.CKPT_NAME)}")
+    print(f"metrics: {os.path.join(out, runs.METRICS_NAME)}  checkpoint: "
+          f"{os.path.join(out, runs.CKPT_NAME)}")
     return 0
 
 
@@ -205,7 +205,7 @@ def cmd_caption(args):
 
 def cmd_retrieve(args):
     from . import model
-    from .data import to_ascii
+    from .world import to_ascii
     from .evaluate import embed_images
     from .tokenizer import PAD_ID, UNK_ID, tokenize
 
@@ -222,8 +222,8 @@ def cmd_retrieve(args):
               file=sys.stderr)
     test = _test_split(model_cfg, train_cfg)
     images = test.images.astype(model_cfg.dtype, copy=False)           # (B, R, R, Ch)
-    img_emb = embed_images(ckpt.params, model_cfg, images)              # (B, Dp)
-    txt_emb = model.encode_texts(ckpt.params, model_cfg, ids, pad_id=PAD_ID)  # (1, Dp)
+    img_emb = embed_images(ckpt.params, model_cfg, images)              # (B, De)
+    txt_emb = model.encode_texts(ckpt.params, model_cfg, ids, pad_id=PAD_ID)  # (1, De)
     scores = img_emb @ txt_emb[0]                                       # (B,)
     order = np.argsort(-scores, kind="stable")[:args.top]              # (top,)
     print(f"best matches among {len(test)} test images for {args.caption!r}:")
@@ -265,7 +265,7 @@ def _positive_float(text):
 
 
 def build_parser():
-    from .train import EXPERT_MODES, PRESETS
+    from .runs import EXPERT_MODES, PRESETS
 
     parser = argparse.ArgumentParser(prog="minivlmoe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")

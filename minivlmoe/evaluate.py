@@ -33,7 +33,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import metrics, model
-from .data import COLORS, SHAPES, SIZES, ImageCaptionDataset
+from .data import ImageCaptionDataset
+from .scenes import COLORS, SHAPES, SIZES
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 ZERO_SHOT_ATTRIBUTES = ("color", "shape", "size")
@@ -100,10 +101,10 @@ def zero_shot(params, cfg, img_emb, records, tokenizer, *, batch_size=256):
     for attribute in ZERO_SHOT_ATTRIBUTES:
         values, prompts = zero_shot_prompts(attribute)
         flat = [p for group in prompts for p in group]
-        ids = tokenizer.encode(flat, cfg.max_text_len)                  # (C*Pc, T)
-        txt = embed_texts(params, cfg, ids, batch_size=batch_size)      # (C*Pc, embed_dim)
-        sim = img_emb[single] @ txt.T                                   # (Bs, C*Pc)
-        class_sim = sim.reshape(single.size, len(values), -1).max(axis=2)  # (Bs, C)
+        ids = tokenizer.encode(flat, cfg.max_text_len)                  # (A*Pc, T)
+        txt = embed_texts(params, cfg, ids, batch_size=batch_size)      # (A*Pc, embed_dim)
+        sim = img_emb[single] @ txt.T                                   # (Bs, A*Pc)
+        class_sim = sim.reshape(single.size, len(values), -1).max(axis=2)  # (Bs, A)
         labels = getattr(records, attribute)[single, 0]                 # (Bs,)
         out[f"zs_{attribute}"] = float(metrics.zero_shot_accuracy(class_sim, labels))
     return out

@@ -11,7 +11,7 @@ Ids 0..3 are the special tokens, then one id per word::
     4 ...     the words, in the order given (``Tokenizer(words)``) or sorted
               (``Tokenizer.from_captions(captions)``)
 
-For the built-in world use ``Tokenizer(data.grammar_words())``: 16 words, V = 20.
+For the built-in world use ``Tokenizer(scenes.grammar_words())``: 16 words, V = 20.
 
 Text to words
 -------------

@@ -1,19 +1,21 @@
-"""Tests of the built-in image-caption world and ImageCaptionDataset (minivlmoe/data.py)."""
+"""Tests of the built-in image-caption world (minivlmoe/world.py, minivlmoe/scenes.py) and
+ImageCaptionDataset (minivlmoe/data.py)."""
 
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from minivlmoe import data
-from minivlmoe.data import (COLORS, DEFAULT_HELDOUT, PALETTE, RELATIONS, SHAPES, SIZES,
-                            ImageCaptionDataset, Records, Scene, World, caption_of,
-                            make_splits, minibatch_indices, parse_caption, to_ascii, to_uint8)
+from minivlmoe import scenes
+from minivlmoe.data import ImageCaptionDataset, minibatch_indices, to_uint8
+from minivlmoe.scenes import (COLORS, RELATIONS, SHAPES, SIZES, Records, Scene, caption_of,
+                              parse_caption)
+from minivlmoe.world import DEFAULT_HELDOUT, GAP, PALETTE, World, make_splits, to_ascii
 
 
 # ------------------------------------------------------------------ naive references
 
 def naive_inside(shape, p, q):
-    """Scalar shape test, written independently of data.shape_mask."""
+    """Scalar shape test, written independently of minivlmoe.world.shape_mask."""
     if shape == "circle":
         return p ** 2 + q ** 2 <= 1.0
     if shape == "square":
@@ -61,9 +63,9 @@ def check_layout(records, world):
         for m in range(n - 1):
             (y0, y1, x0, x1), (v0, v1, u0, u1) = boxes[m], boxes[m + 1]
             if records.relation[b] == 0:      # row: next box starts right of this one
-                assert x1 + data.GAP <= u0
+                assert x1 + GAP <= u0
             else:                             # column: next box starts below this one
-                assert records.relation[b] == 1 and y1 + data.GAP <= v0
+                assert records.relation[b] == 1 and y1 + GAP <= v0
         for m in range(n):
             for k in range(m + 1, n):
                 (y0, y1, x0, x1), (v0, v1, u0, u1) = boxes[m], boxes[k]
@@ -224,12 +226,12 @@ def test_parse_caption_rejects_non_str():
 
 
 def test_grammar_words_and_caption_length():
-    words = data.grammar_words()
+    words = scenes.grammar_words()
     assert len(words) == len(set(words)) == 16
     ds = World(max_objects=3).sample(400, np.random.default_rng(1))
     assert {w for c in ds.captions for w in c.split()} == set(words)
-    assert max(len(c.split()) for c in ds.captions) == data.max_caption_words(3) == 16
-    assert data.max_caption_words(2) == 10
+    assert max(len(c.split()) for c in ds.captions) == scenes.max_caption_words(3) == 16
+    assert scenes.max_caption_words(2) == 10
     assert World().max_tokens == 12 and World(max_objects=3).max_tokens == 18
     assert RELATIONS == ("left of", "above")
 

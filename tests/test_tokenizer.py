@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from minivlmoe.data import World, grammar_words
+from minivlmoe.scenes import grammar_words
 from minivlmoe.tokenizer import (BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID, Tokenizer,
                                  tokenize)
+from minivlmoe.world import World
 
 TOK = Tokenizer(grammar_words())
 

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from minivlmoe import checkpoint, evaluate, metrics, train
-from minivlmoe.data import parse_caption
+from minivlmoe import checkpoint, evaluate, metrics, runs, train
+from minivlmoe.scenes import parse_caption
 
 
 def tiny(steps=12, eval_every=6, **overrides):
     experts = overrides.pop("experts", None)
     dtype = overrides.pop("dtype", None)
-    return train.preset_configs("tiny", experts=experts, dtype=dtype, steps=steps,
+    return runs.preset_configs("tiny", experts=experts, dtype=dtype, steps=steps,
                                 eval_every=eval_every, **overrides)
 
 
@@ -71,6 +71,23 @@ def test_batch_stream_matches_naive_epochs(n, batch, seed):
             assert list(idx) == [order[j * batch + i] for i in range(batch)]
 
 
+def test_batch_stream_epochs_are_passes_of_the_one_shuffler():
+    """Each epoch of the stream is one drop_last pass of data.minibatch_indices."""
+    from minivlmoe.data import minibatch_indices
+
+    stream = train.BatchStream(10, 3, np.random.default_rng(4))
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+        for expected in minibatch_indices(10, 3, rng, drop_last=True):
+            assert np.array_equal(stream.next(), expected)
+
+
+def test_batch_stream_refuses_a_position_between_batches():
+    state = train.BatchStream(10, 3, np.random.default_rng(0)).state()
+    with pytest.raises(ValueError, match="pos must be a multiple of batch_size=3, got 4"):
+        train.BatchStream.from_state(10, 3, {**state, "pos": 4})
+
+
 def test_section_timer_charges_innermost_section(monkeypatch):
     clock = iter([0.0, 2.0, 5.0, 6.0])                 # outer in, inner in, inner out, outer out
     monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
@@ -88,26 +105,26 @@ def test_section_timer_charges_innermost_section(monkeypatch):
                                           ("noise", 0.9), ("warmup_steps", 10**6)])
 def test_train_config_rejects_bad_values(field, value):
     with pytest.raises((ValueError, TypeError), match=field):
-        train.TrainConfig(**{"steps": 100, field: value})
+        runs.TrainConfig(**{"steps": 100, field: value})
 
 
 def test_preset_configs_names_and_overrides():
-    assert set(train.PRESETS) == {"tiny", "default", "large"}
-    mcfg, tcfg = train.preset_configs("tiny", experts="dense", dtype="float64", steps=7)
+    assert set(runs.PRESETS) == {"tiny", "default", "large"}
+    mcfg, tcfg = runs.preset_configs("tiny", experts="dense", dtype="float64", steps=7)
     assert (mcfg.experts, mcfg.dtype, tcfg.steps) == ("dense", "float64", 7)
     with pytest.raises(ValueError, match="preset"):
-        train.preset_configs("huge")
+        runs.preset_configs("huge")
     with pytest.raises(ValueError, match="experts"):
-        train.preset_configs("tiny", experts="sparse")
+        runs.preset_configs("tiny", experts="sparse")
 
 
 def test_run_config_round_trip():
     mcfg, tcfg = tiny()
-    tok = train.builtin_tokenizer()
-    d = json.loads(json.dumps(train.run_config(mcfg, tcfg, tok, "tiny")))
-    assert train.parse_run_config(d) == (mcfg, tcfg, tok)
+    tok = runs.builtin_tokenizer()
+    d = json.loads(json.dumps(runs.run_config(mcfg, tcfg, tok, "tiny")))
+    assert runs.parse_run_config(d) == (mcfg, tcfg, tok)
     with pytest.raises(ValueError, match="run config"):
-        train.parse_run_config({"format": "something else"})
+        runs.parse_run_config({"format": "something else"})
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -167,7 +184,7 @@ def test_evaluate_user_data_without_records():
     data = ImageCaptionDataset(rng.random((6, 32, 32, 3), dtype=np.float32),
                                ["a red circle", "a blue square", "a red circle",
                                 "a big green cross", "a cyan triangle", "a cyan triangle"])
-    out = evaluate.evaluate(params, mcfg, data, train.builtin_tokenizer())
+    out = evaluate.evaluate(params, mcfg, data, runs.builtin_tokenizer())
     for key in ("i2t_r1", "t2i_r5", "caption_exact", "bleu4", "test_total", "experts"):
         assert key in out
     assert not any(k.startswith(("zs_", "heldout_")) for k in out)
@@ -184,12 +201,12 @@ def test_captioning_metrics():
 # ----------------------------------------------------------------------------- training
 
 def test_tiny_preset_trains_and_its_loss_falls(tmp_path):
-    mcfg, tcfg = train.preset_configs("tiny", n_train=16, batch_size=16, eval_every=0,
+    mcfg, tcfg = runs.preset_configs("tiny", n_train=16, batch_size=16, eval_every=0,
                                       steps=40, warmup_steps=4)
     result = train.train(mcfg, tcfg, tmp_path, progress=None)
     first, last = result.history[0]["total"], result.history[-1]["total"]
     assert last < first / 3, (first, last)
-    records = train.read_metrics(tmp_path)
+    records = runs.read_metrics(tmp_path)
     assert len(records) == 1
     for key in ("step", "elapsed_s", "i2t_r1", "t2i_r1", "caption_exact", "bleu4", "total",
                 "contrastive", "caption", "aux", "test_total", "zs_color", "experts"):
@@ -213,8 +230,8 @@ def test_same_seed_gives_identical_metrics(tmp_path):
     a = train.train(mcfg, tcfg, tmp_path / "a", progress=None)
     b = train.train(mcfg, tcfg, tmp_path / "b", progress=None)
     assert a.history == b.history
-    assert without_time(train.read_metrics(tmp_path / "a")) == \
-        without_time(train.read_metrics(tmp_path / "b"))
+    assert without_time(runs.read_metrics(tmp_path / "a")) == \
+        without_time(runs.read_metrics(tmp_path / "b"))
     c = train.train(mcfg, dataclasses.replace(tcfg, seed=1), None, progress=None)
     assert c.history != a.history
 
@@ -233,8 +250,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, dtype, experts, stop):
     rest = train.train(mcfg, tcfg, tmp_path / "part", resume=True, progress=None)
     assert not rest.stopped and rest.step == 12
     assert part.history + rest.history == full.history
-    assert without_time(train.read_metrics(tmp_path / "part")) == \
-        without_time(train.read_metrics(tmp_path / "full"))
+    assert without_time(runs.read_metrics(tmp_path / "part")) == \
+        without_time(runs.read_metrics(tmp_path / "full"))
     same_trees(rest.params, full.params)
     same_trees(rest.opt_state, full.opt_state)
 
@@ -245,7 +262,7 @@ def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as f:       # as if the crash came later
         f.write(json.dumps({"step": 6, "i2t_r1": 0.0}) + "\n")
     train.train(mcfg, tcfg, tmp_path, resume=True, progress=None)
-    assert [r["step"] for r in train.read_metrics(tmp_path)] == [4, 8]
+    assert [r["step"] for r in runs.read_metrics(tmp_path)] == [4, 8]
 
 
 def test_resume_refuses_other_config_and_damaged_checkpoint(tmp_path):
@@ -275,7 +292,7 @@ def test_train_rejects_bad_arguments():
 def test_load_checkpoint_checks_params_against_the_config(tmp_path):
     mcfg, tcfg = tiny(steps=2, eval_every=0)
     result = train.train(mcfg, tcfg, tmp_path, progress=None)
-    ckpt, m2, t2, tok = train.load_checkpoint(tmp_path / "ckpt.npz")
+    ckpt, m2, t2, tok = runs.load_checkpoint(tmp_path / "ckpt.npz")
     assert (m2, t2) == (mcfg, tcfg)
     same_trees(ckpt.params, result.params)
     # a checkpoint whose params do not fit its config is refused with one clear line
@@ -284,4 +301,4 @@ def test_load_checkpoint_checks_params_against_the_config(tmp_path):
     checkpoint.save(tmp_path / "bad.npz", params=bad, opt_state=ckpt.opt_state, step=2,
                     config=ckpt.config, rng_state=ckpt.rng_state, extra=ckpt.extra)
     with pytest.raises(checkpoint.CheckpointError, match="ln_f.gamma"):
-        train.load_checkpoint(tmp_path / "bad.npz")
+        runs.load_checkpoint(tmp_path / "bad.npz")

@@ -46,15 +46,15 @@ def forward(x):
     """``gelu(x)``, element-wise; ``x`` any shape, float32 or float64. Returns (out, cache)."""
     check_array("x", x)
     order = _memory_order(x)
-    x1 = x.reshape(-1, order=order)                              # (M,) flat view: in-place ops below
-    xc = np.clip(x1, -_CLIP, _CLIP)                              # (M,) clip is exact (docstring)
-    u = xc * xc                                                  # (M,) x²
+    x1 = x.reshape(-1, order=order)                              # (x.size,) a flat view (ops in place)
+    xc = np.clip(x1, -_CLIP, _CLIP)                              # (x.size,) exact clip (docstring)
+    u = xc * xc                                                  # (x.size,) x²
     u *= A                                                       #       a x²
     u += 1.0                                                     #       1 + a x²
     u *= xc                                                      #       x + a x³
     u *= C                                                       #       u = c (x + a x³)
-    t = np.tanh(u, out=u)                                        # (M,) tanh u (reuses u)
-    y = t + 1.0                                                  # (M,) 1 + tanh u
+    t = np.tanh(u, out=u)                                        # (x.size,) tanh u (reuses u)
+    y = t + 1.0                                                  # (x.size,) 1 + tanh u
     y *= x1                                                      #      x (1 + tanh u)
     y *= 0.5                                                     #      gelu(x)
     return (y.reshape(x.shape, order=order),                     # (...) back to x's layout
@@ -65,12 +65,12 @@ def backward(dout, cache):
     """``dx = dout * (½(1 + t) + ½ x (1 - t²) c (1 + 3 a x²))``; same shape as ``x``."""
     x, t = cache
     order = _memory_order(x)
-    t1 = t.reshape(-1, order=order)                              # (M,) flat, as in forward
-    xc = np.clip(x.reshape(-1, order=order), -_CLIP, _CLIP)      # (M,)
-    half_du = xc * xc                                            # (M,) x²
+    t1 = t.reshape(-1, order=order)                              # (x.size,) flat, as in forward
+    xc = np.clip(x.reshape(-1, order=order), -_CLIP, _CLIP)      # (x.size,)
+    half_du = xc * xc                                            # (x.size,) x²
     half_du *= 1.5 * A * C                                       #       ½ c 3a x²
     half_du += 0.5 * C                                           #       ½ u'(x) = ½ c (1 + 3a x²)
-    slope = t1 * t1                                              # (M,) t²
+    slope = t1 * t1                                              # (x.size,) t²
     np.subtract(1.0, slope, out=slope)                           #       1 - t²  (tanh' = 1 - tanh²)
     slope *= xc                                                  #       x (1 - t²)
     slope *= half_du                                             #       ½ x (1 - t²) u'(x)

@@ -15,8 +15,8 @@ Backward (derived in docs/ops/sparse_linear.md), for an upstream ``dy`` (N, Dout
 
 The pattern
 -----------
-Every output row stores exactly ``k = max(1, round(density * Din))`` entries, so every
-output unit has the same fan-in ``k``; values are drawn from N(0, 1/k) (LeCun-normal
+Every output row stores exactly ``Z = max(1, round(density * Din))`` entries, so every
+output unit has the same fan-in ``Z``; values are drawn from N(0, 1/Z) (LeCun-normal
 over the *stored* fan-in).  Output rows come in groups of ``r`` consecutive rows
 (``r = gcd(Dout, group)``, default ``group = 16``) that share one random set of
 columns: a row-block structure like that of block-sparse kernels.  ``group=1`` gives
@@ -39,10 +39,10 @@ Kernels (measured by benchmarks/sparse_linear.py; docs/ops/sparse_linear.md expl
   ``y = yT.T``, so chained sparse layers pass feature-major arrays for free).
 
   - grouped pattern (``r > 1``): each row group is a small dense block
-    ``W_g`` (r, k) on columns ``cols_g``, so ``yT_g = W_g @ xT[cols_g]`` and
+    ``W_g`` (r, Z) on columns ``cols_g``, so ``yT_g = W_g @ xT[cols_g]`` and
     ``dW_g = dyT_g @ xT[cols_g]^T`` are batched matmuls over the G = Dout/r groups
-    after one gather of ``xT`` rows (G·k·N values, r times fewer than one per stored
-    entry); for k < 4 the forward uses the CSR kernel instead (NumPy's batched matmul
+    after one gather of ``xT`` rows (G·Z·N values, r times fewer than one per stored
+    entry); for Z < 4 the forward uses the CSR kernel instead (NumPy's batched matmul
     is slow for such thin blocks); ``dxT = W^T @ dyT`` is scipy's CSC kernel.
   - ungrouped pattern: ``yT = W @ xT`` (CSR), ``dxT = W^T @ dyT`` (CSC), and the weight
     gradient by a per-entry gather (density < ``GATHER_BELOW``) or the dense GEMM
@@ -63,7 +63,7 @@ from .._checks import check_array, check_csr, check_float, check_int, check_same
 DENSE_ABOVE = 0.075
 GATHER_BELOW = 0.02
 _TILE = 64  # tokens per tile of the blocked transpose
-_MIN_BLOCK_K = 4  # grouped forward uses batched matmul only for blocks this wide
+_MIN_BLOCK_Z = 4  # grouped forward uses batched matmul only for blocks this wide
 
 
 def init(rng, d_in, d_out, density=1.0, dtype=np.float32, group=16):
@@ -87,13 +87,13 @@ def init(rng, d_in, d_out, density=1.0, dtype=np.float32, group=16):
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-    k = max(1, int(round(density * d_in)))                       # stored entries per row
+    z = max(1, int(round(density * d_in)))                       # stored entries per row
     r = math.gcd(d_out, group)                                   # rows per group
     scores = rng.random((d_out // r, d_in))                      # (G, Din)
-    cols = np.sort(np.argsort(scores, axis=1)[:, :k], axis=1)    # (G, k) distinct, sorted
-    cols = np.repeat(cols, r, axis=0)                            # (Dout, k) shared per group
-    values = rng.standard_normal(d_out * k) / np.sqrt(k)         # (Dout*k,)
-    indptr = np.arange(0, d_out * k + 1, k, dtype=np.int32)      # (Dout+1,)
+    cols = np.sort(np.argsort(scores, axis=1)[:, :z], axis=1)    # (G, Z) distinct, sorted
+    cols = np.repeat(cols, r, axis=0)                            # (Dout, Z) shared per group
+    values = rng.standard_normal(d_out * z) / np.sqrt(z)         # (Dout*Z,)
+    indptr = np.arange(0, d_out * z + 1, z, dtype=np.int32)      # (Dout+1,)
     W = csr_on_pattern(values.astype(dtype), cols.reshape(-1).astype(np.int32), indptr,
                        (d_out, d_in))
     return {"W": W, "b": np.zeros(d_out, dtype=dtype)}
@@ -122,31 +122,31 @@ def stored_density(W):
 
 
 def row_groups(W):
-    """``(r, k)`` if every row stores k entries and consecutive groups of r > 1 rows
+    """``(r, Z)`` if every row stores Z entries and consecutive groups of r > 1 rows
     share their columns (the pattern :func:`init` makes); otherwise None.  O(nnz)."""
     d_out = W.shape[0]
     counts = np.diff(W.indptr)                                   # (Dout,)
-    k = int(counts[0]) if d_out else 0
-    if k == 0 or np.any(counts != k):
+    z = int(counts[0]) if d_out else 0
+    if z == 0 or np.any(counts != z):
         return None
-    idx = W.indices.reshape(d_out, k)                            # (Dout, k)
+    idx = W.indices.reshape(d_out, z)                            # (Dout, Z)
     differs = np.any(idx[1:] != idx[0], axis=1)                  # (Dout-1,)
     r = int(np.argmax(differs)) + 1 if differs.any() else d_out
     if r == 1 or d_out % r:
         return None
-    blocks = idx.reshape(d_out // r, r, k)                       # (G, r, k)
+    blocks = idx.reshape(d_out // r, r, z)                       # (G, r, Z)
     if np.any(blocks != blocks[:, :1]):
         return None
-    return r, k
+    return r, z
 
 
 class Cache(NamedTuple):
     """What backward needs.
 
-    saved : the input, as ``x2`` (N, Din) on the dense path, ``xg`` (G, k, N) gathered
+    saved : the input, as ``x2`` (N, Din) on the dense path, ``xg`` (G, Z, N) gathered
         feature-major rows on the grouped path, or ``xT`` (Din, N) otherwise.
     W : the weight (Dout, Din).   Wd : its dense copy (dense path) or None.
-    groups : ``(r, k)`` on the grouped path, else None.   lead : the input's leading shape.
+    groups : ``(r, Z)`` on the grouped path, else None.   lead : the input's leading shape.
     """
 
     saved: np.ndarray
@@ -195,13 +195,13 @@ def forward(x, params):
         xT = feature_major(x2)                                   # (Din, N)
         groups = row_groups(W)
         if groups is not None:
-            r, k = groups
-            cols = W.indices.reshape(-1, r, k)[:, 0]             # (G, k) each group's columns
-            saved = xT[cols]                                     # (G, k, N) gather
-            if k >= _MIN_BLOCK_K:
-                Wg = W.data.reshape(-1, r, k)                    # (G, r, k) dense blocks
+            r, z = groups
+            cols = W.indices.reshape(-1, r, z)[:, 0]             # (G, Z) each group's columns
+            saved = xT[cols]                                     # (G, Z, N) gather
+            if z >= _MIN_BLOCK_Z:
+                Wg = W.data.reshape(-1, r, z)                    # (G, r, Z) dense blocks
                 yT = np.matmul(Wg, saved).reshape(d_out, -1)     # (G, r, N) -> (Dout, N)
-            else:  # batched matmul with k < 4 is slower than the CSR kernel
+            else:  # batched matmul with Z < 4 is slower than the CSR kernel
                 yT = W @ xT                                      # (Dout, N) CSR kernel
         else:
             saved = xT
@@ -245,11 +245,11 @@ def backward(dy, cache):
         dx = dxT.T                                               # (N, Din) view
         db = dyT.sum(axis=1)                                     # (Dout,)
         if groups is not None:
-            r, k = groups
-            xg = saved                                           # (G, k, N)
+            r, z = groups
+            xg = saved                                           # (G, Z, N)
             dyg = dyT.reshape(-1, r, dyT.shape[1])               # (G, r, N)
             # yT_g = W_g xg  ->  dW_g = dyT_g xg^T
-            dW_data = np.matmul(dyg, xg.transpose(0, 2, 1)).reshape(-1)  # (G, r, k) -> (nnz,)
+            dW_data = np.matmul(dyg, xg.transpose(0, 2, 1)).reshape(-1)  # (G, r, Z) -> (nnz,)
         else:
             xT = saved                                           # (Din, N)
             rows = np.repeat(np.arange(d_out), np.diff(W.indptr))  # (nnz,)

@@ -35,7 +35,7 @@ def sparse_linear_cases(rng):
                                               ("CSR + GEMM", 0.05, 60, 5, 1)):
         params = sparse_linear.init(rng, d_in, d_out, density, dtype=np.float64, group=group)
         params["b"] = rng.standard_normal(d_out)
-        x = rng.standard_normal((2, 3, d_in))                    # (B, S, D_in)
+        x = rng.standard_normal((2, 3, d_in))                    # (B, S, Din)
         cases.append(GradcheckCase(
             f"sparse_linear({name}, density={density})",
             {"x": x, "params": params},

@@ -1,0 +1,274 @@
+"""A run: its configuration, the presets, and the files of its folder.
+
+A run is a (ModelConfig, TrainConfig, Tokenizer) triple.  :data:`PRESETS` names three
+(tiny, default, large); :func:`preset_configs` builds one with overrides, and
+:func:`make_data` draws its train and test splits from the built-in world
+(:func:`minivlmoe.world.make_splits` with ``train_cfg.data_seed``).
+
+The run folder
+--------------
+``DIR/config.json`` holds :func:`run_config`'s description of the run (read back by
+:func:`parse_run_config`; the same dict is stored in every checkpoint).
+``DIR/metrics.jsonl`` holds one JSON line per evaluation (:func:`append_jsonl`,
+:func:`read_metrics`; :func:`truncate_metrics` drops the lines written after the
+checkpoint a resumed run continues from).  ``DIR/ckpt.npz`` is the checkpoint
+(written atomically by :mod:`minivlmoe.checkpoint`); :func:`load_checkpoint` also
+checks it against a freshly initialized model of its config.  The training loop that
+writes these files is :mod:`minivlmoe.train`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from . import checkpoint, model, optim
+from ._checks import check_choice, check_float, check_int
+from .scenes import grammar_words, max_caption_words
+from .tokenizer import Tokenizer
+from .world import make_splits
+
+RUN_FORMAT = "minivlmoe-run"
+RUN_VERSION = 1
+CKPT_NAME = "ckpt.npz"
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "config.json"
+
+
+# ----------------------------------------------------------------------------- configs
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything about a run that is not the model (validated on construction).
+
+    Fields
+    ------
+    steps : int >= 1, optimizer updates.
+    batch_size : int >= 2, pairs per step.
+    lr, warmup_steps, weight_decay, min_lr_ratio, max_grad_norm : AdamW and its schedule
+        (:class:`minivlmoe.optim.AdamWConfig`; the cosine ends at ``steps``).
+    eval_every : int >= 0, steps between evaluations and checkpoints (0: only at the end).
+    seed : int >= 0, model initialization, data order and router noise.
+    data_seed : int >= 0, the built-in world's train and test images.
+    n_train, n_test : int >= 2, sizes of the two splits.
+    max_objects : int in [1, 3], objects per image (the main difficulty knob).
+    noise : float in [0, 0.5], pixel noise of the images.
+    heldout_fraction : float in [0, 1], share of test images with a held-out pair.
+    """
+
+    steps: int
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    eval_every: int = 0
+    seed: int = 0
+    data_seed: int = 0
+    n_train: int = 4096
+    n_test: int = 512
+    max_objects: int = 2
+    noise: float = 0.0
+    heldout_fraction: float = 0.2
+
+    def __post_init__(self):
+        check_int("steps", self.steps, 1)
+        check_int("batch_size", self.batch_size, 2)
+        check_float("lr", self.lr, 0.0, low_open=True)
+        check_int("warmup_steps", self.warmup_steps, 0, self.steps)
+        check_float("weight_decay", self.weight_decay, 0.0)
+        check_float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_float("max_grad_norm", self.max_grad_norm, 0.0, low_open=True)
+        check_int("eval_every", self.eval_every, 0)
+        check_int("seed", self.seed, 0)
+        check_int("data_seed", self.data_seed, 0)
+        check_int("n_train", self.n_train, self.batch_size)
+        check_int("n_test", self.n_test, 2)
+        check_int("max_objects", self.max_objects, 1, 3)
+        check_float("noise", self.noise, 0.0, 0.5)
+        check_float("heldout_fraction", self.heldout_fraction, 0.0, 1.0)
+
+    def adamw(self):
+        """The optimizer configuration of this run."""
+        return optim.AdamWConfig(lr=self.lr, weight_decay=self.weight_decay,
+                                 warmup_steps=self.warmup_steps, total_steps=self.steps,
+                                 min_lr_ratio=self.min_lr_ratio,
+                                 max_grad_norm=self.max_grad_norm)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or set(d) - fields:
+            raise ValueError(f"train config must be a dict with keys among {sorted(fields)}, "
+                             f"got {d!r:.200}")
+        return cls(**d)
+
+
+# name -> (ModelConfig overrides, TrainConfig fields); see docs/running.md for timings.
+PRESETS = {
+    "tiny": (dict(width=32, heads=2, layers=2, mlp_hidden=64, num_experts=2, embed_dim=32,
+                  patch=8, moe_every=1),
+             dict(steps=30, batch_size=16, lr=3e-3, warmup_steps=5, eval_every=15,
+                  n_train=64, n_test=32, max_objects=1)),
+    "default": (dict(width=64, heads=4, layers=4, mlp_hidden=128, num_experts=4,
+                     embed_dim=64, patch=8),
+                dict(steps=1500, batch_size=64, lr=3e-3, warmup_steps=60, eval_every=500,
+                     n_train=8192, n_test=512, max_objects=2)),
+    "large": (dict(width=96, heads=4, layers=6, mlp_hidden=192, num_experts=8,
+                   embed_dim=96, patch=8),
+              dict(steps=6000, batch_size=96, lr=1.5e-3, warmup_steps=200, eval_every=1000,
+                   n_train=16384, n_test=1024, max_objects=3)),
+}
+EXPERT_MODES = ("modality", "shared", "dense")
+
+
+def preset_configs(name="default", *, experts=None, dtype=None, **train_overrides):
+    """(ModelConfig, TrainConfig) of preset ``name`` with optional overrides.
+
+    ``experts`` and ``dtype`` override the model; any TrainConfig field (``steps``,
+    ``seed``, ``batch_size``, ...) may be overridden by keyword (None = keep the
+    preset's).  Overriding ``steps`` alone caps the warmup at a fifth of the steps.
+    The text length and the vocabulary follow from the world (``max_objects``) and the
+    tokenizer.
+    """
+    check_choice("preset", name, PRESETS)
+    model_kw, train_kw = PRESETS[name]
+    given = {k: v for k, v in train_overrides.items() if v is not None}
+    if "steps" in given and "warmup_steps" not in given:   # keep warmup a small share
+        given["warmup_steps"] = min(train_kw["warmup_steps"], given["steps"] // 5)
+    train_kw = {**train_kw, **given}
+    tcfg = TrainConfig(**train_kw)
+    model_kw = dict(model_kw)
+    if experts is not None:
+        model_kw["experts"] = check_choice("experts", experts, EXPERT_MODES)
+    if dtype is not None:
+        model_kw["dtype"] = check_choice("dtype", dtype, ("float32", "float64"))
+    tokenizer = builtin_tokenizer()
+    mcfg = model.ModelConfig(vocab_size=tokenizer.vocab_size,
+                             max_text_len=max_caption_words(tcfg.max_objects) + 2, **model_kw)
+    return mcfg, tcfg
+
+
+def builtin_tokenizer():
+    """The tokenizer of the built-in world (17 words, V = 21)."""
+    return Tokenizer(grammar_words())
+
+
+def run_config(model_cfg, train_cfg, tokenizer, preset=None):
+    """The JSON-able description of a run (DIR/config.json; stored in checkpoints)."""
+    return {"format": RUN_FORMAT, "version": RUN_VERSION, "preset": preset,
+            "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
+            "tokenizer": tokenizer.to_dict()}
+
+
+def parse_run_config(d):
+    """(ModelConfig, TrainConfig, Tokenizer) from :func:`run_config`'s dict.
+
+    Raises ValueError with a one-line message when the dict is not a run config.
+    """
+    if not isinstance(d, dict) or d.get("format") != RUN_FORMAT:
+        raise ValueError(f"not a minivlmoe run config (format {RUN_FORMAT!r} expected)")
+    if d.get("version") != RUN_VERSION:
+        raise ValueError(f"unknown run config version {d.get('version')!r} "
+                         f"(this minivlmoe reads version {RUN_VERSION})")
+    try:
+        return (model.ModelConfig.from_dict(d["model"]), TrainConfig.from_dict(d["train"]),
+                Tokenizer.from_dict(d["tokenizer"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"invalid run config ({type(e).__name__}: {e})") from None
+
+
+def make_data(train_cfg, image_size):
+    """The built-in world's (train, test) splits of a run."""
+    return make_splits(train_cfg.data_seed, train_cfg.n_train, train_cfg.n_test,
+                       image_size=image_size, max_objects=train_cfg.max_objects,
+                       noise=train_cfg.noise, heldout_fraction=train_cfg.heldout_fraction)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _check_like(name, tree, template, path, fail):
+    """Check ``tree`` against ``template`` (same keys, leaf kinds, shapes and dtypes)."""
+    if isinstance(template, dict):
+        if not isinstance(tree, dict) or tree.keys() != template.keys():
+            got = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
+            fail(f"{name} at {path or '(root)'!r} must have the keys {sorted(template)}, "
+                 f"got {got}")
+        for k in template:
+            _check_like(name, tree[k], template[k], f"{path}.{k}" if path else k, fail)
+        return
+    kind = type(template)
+    if not isinstance(tree, kind) or (hasattr(template, "shape")
+                                      and tree.dtype != template.dtype):
+        fail(f"{name}[{path!r}] must be a {kind.__name__} of dtype "
+             f"{getattr(template, 'dtype', '-')}, got {type(tree).__name__} "
+             f"{getattr(tree, 'dtype', '')}")
+    if hasattr(template, "shape") and tree.shape != template.shape:
+        fail(f"{name}[{path!r}] must have shape {template.shape}, got {tree.shape}")
+
+
+def load_checkpoint(path, expected_config=None):
+    """Load a run's checkpoint and check it against the model its config describes.
+
+    Returns ``(checkpoint, model_cfg, train_cfg, tokenizer)``.  Beyond
+    :func:`minivlmoe.checkpoint.load`'s verification of the file, the parameters and the
+    optimizer state must have exactly the keys, kinds, shapes and dtypes of a freshly
+    initialized model of the saved config.  Every problem raises
+    :class:`minivlmoe.checkpoint.CheckpointError` with one line naming the file.
+    """
+    ckpt = checkpoint.load(path, expected_config=expected_config)
+
+    def fail(problem):
+        raise checkpoint.CheckpointError(f"checkpoint {os.fspath(path)}: {problem}") from None
+
+    try:
+        model_cfg, train_cfg, tokenizer = parse_run_config(ckpt.config)
+    except ValueError as e:
+        fail(str(e))
+    template = model.init(np.random.default_rng(0), model_cfg)
+    _check_like("params", ckpt.params, template, "", fail)
+    opt_template = optim.init_state(template)
+    if not isinstance(ckpt.opt_state, dict) or ckpt.opt_state.keys() != opt_template.keys():
+        fail(f"opt_state must have the keys {sorted(opt_template)}")
+    for part in ("m", "v"):
+        _check_like(f"opt_state[{part!r}]", ckpt.opt_state[part], opt_template[part], "", fail)
+    if ckpt.opt_state["step"] != ckpt.step:
+        fail(f"opt_state['step'] must equal the checkpoint's step {ckpt.step}, got "
+             f"{ckpt.opt_state['step']!r}")
+    return ckpt, model_cfg, train_cfg, tokenizer
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
+
+def append_jsonl(path, record):
+    """Append ``record`` as one JSON line to ``path`` and flush it to disk."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, allow_nan=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(out_dir):
+    """The records of DIR/metrics.jsonl (empty list if none)."""
+    path = os.path.join(out_dir, METRICS_NAME)
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(out_dir, step):
+    """Drop records past ``step`` (written after the checkpoint we resume from)."""
+    records = [r for r in read_metrics(out_dir) if r["step"] <= step]
+    path = os.path.join(out_dir, METRICS_NAME)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in records)
+    os.replace(tmp, path)
