@@ -384,30 +384,19 @@ def entropy_global_backward(dloss, cache):
 # gradient-check cases for ``python -m minivlmoe gradcheck``
 
 
-def _softmax(logits):
-    ex = np.exp(logits - logits.max(axis=1, keepdims=True))      # (N, E)
-    return ex / ex.sum(axis=1, keepdims=True)                    # (N, E)
-
-
-def _top_k_indicator(probs, k):
-    """0/1 (N, E) indicator of the k largest entries per row (lowest index wins ties)."""
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]     # (N, k)
-    assign = np.zeros(probs.shape)                               # (N, E)
-    np.put_along_axis(assign, order, 1.0, axis=1)
-    return assign
-
-
 def gradcheck_cases(rng):
     """Small float64 cases, one per loss (two for the hinge: active and inactive).
     ``probs`` are softmax outputs of random logits, checked as free inputs."""
     from ..gradcheck import GradcheckCase
+    from .router import top_k
 
     n_tokens, n_experts, k = 5, 4, 2
-    probs = _softmax(1.5 * rng.standard_normal((n_tokens, n_experts)))  # (N, E)
+    probs, _ = softmax.forward(1.5 * rng.standard_normal((n_tokens, n_experts)))  # (N, E)
     favor_0 = 4.0 * np.eye(n_experts)[0]                                # (E,)
-    peaked = _softmax(2.0 * rng.standard_normal((n_tokens, n_experts)) + favor_0)  # (N, E)
+    peaked, _ = softmax.forward(2.0 * rng.standard_normal((n_tokens, n_experts))
+                                + favor_0)                              # (N, E)
     logits = 3.0 * rng.standard_normal((n_tokens, n_experts))           # (N, E)
-    assign = _top_k_indicator(probs, k)                                 # (N, E)
+    assign = top_k_indicator(top_k(probs, k), n_experts)                # (N, E)
     tau_high = global_threshold(n_experts, n_experts)  # log E > H(pbar): active
     tau_low = global_threshold(1, n_experts)           # 0 <= H(pbar): inactive
 
