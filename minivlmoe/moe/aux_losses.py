@@ -99,6 +99,9 @@ def top_k_indicator(experts, num_experts, dtype=np.float64):
     """
     check_array("experts", experts, ndim=2, axes="(N, K)", dtype_kind="i")
     num_experts = check_int("num_experts", num_experts, 1)
+    if experts.size and not (0 <= experts.min() and experts.max() < num_experts):
+        raise ValueError(f"experts must be in [0, num_experts={num_experts}), got values "
+                         f"in [{experts.min()}, {experts.max()}]")
     n = experts.shape[0]
     assign = np.zeros((n, num_experts), dtype=dtype)             # (N, E)
     assign[np.arange(n)[:, None], experts] = 1                   # (N, K) entries set
