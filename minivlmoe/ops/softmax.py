@@ -18,8 +18,9 @@ Masked entries
 --------------
 ``x`` may contain ``-inf`` (a masked entry, e.g. a padded key): its probability is
 exactly 0.  A slice whose entries are *all* ``-inf`` has no distribution; its
-probabilities are all 0 (not NaN) and so is its gradient.  NaN and ``+inf`` are
-rejected.
+probabilities are all 0 (not NaN) and so is its gradient, with no floating-point warning
+(it is shifted by 0, not by ``-inf``, and its zero sum is replaced by 1).  Attention relies
+on this for queries with no allowed key.  NaN and ``+inf`` are rejected.
 """
 
 from __future__ import annotations
