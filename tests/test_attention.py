@@ -1,11 +1,13 @@
 """Tests for minivlmoe.ops.attention: masks, multi-head attention forward and backward."""
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minivlmoe.ops import attention
+from minivlmoe.ops import attention, softmax
 from minivlmoe.gradcheck import assert_gradients
 from minivlmoe.testing.ops import attention_case
 
@@ -221,6 +223,33 @@ def test_fully_masked_row_gives_bias_and_finite_gradients(rng):
     np.testing.assert_array_equal(dx[1], 0.0)                  # item 1 does not reach y
     assert all(np.all(np.isfinite(dparams[n]["W"].data)) for n in "qkvo")
     assert_gradients(attention_case("attention(fully masked rows)", x, params, 2, mask), rng)
+
+
+@given(cfg=configs(kinds=["padding", "random", "random2d"]))
+def test_probabilities_are_the_softmax_op_of_scores_with_masked_keys_at_minus_inf(cfg):
+    """One softmax: attention's weights are softmax.forward of the scores with every
+    masked key's score set to -inf, bit for bit (fully masked rows: all zeros)."""
+    _, x, params, mask = make_case(cfg)
+    _, cache = attention.forward(x, params, cfg["H"], mask)
+    scores = (cache.q @ cache.k.transpose(0, 1, 3, 2)) * cache.scale    # (B, H, S, S)
+    allowed = mask[:, None] if mask.ndim == 3 else mask                 # (B, 1, S, S) or (S, S)
+    p, _ = softmax.forward(np.where(allowed, scores, -np.inf), axis=-1)
+    np.testing.assert_array_equal(cache.probs, p)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fully_masked_rows_raise_no_floating_point_error(dtype):
+    cfg = dict(B=2, S=4, H=2, Dh=3, density=0.5, kind="none", prefix=0, seed=11)
+    rng, x, params, _ = make_case(cfg, dtype)
+    mask = attention.make_mask(np.array([[True, True, False, False], [False] * 4]), causal=True)
+    with warnings.catch_warnings(), np.errstate(divide="raise", over="raise", invalid="raise"):
+        warnings.simplefilter("error")
+        y, cache = attention.forward(x, params, 2, mask)
+        dx, _ = attention.backward(rng.standard_normal(y.shape).astype(dtype), cache)
+    assert y.dtype == dx.dtype == dtype
+    np.testing.assert_array_equal(cache.probs[1], 0.0)         # item 1: every row masked
+    np.testing.assert_array_equal(dx[1], 0.0)
+    np.testing.assert_array_equal(y[1], np.broadcast_to(params["o"]["b"], (4, 6)))
 
 
 def test_large_logits_stay_finite(rng):

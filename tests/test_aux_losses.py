@@ -9,6 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minivlmoe.moe import aux_losses as aux
+from minivlmoe.moe import router
+from minivlmoe.ops import softmax as softmax_op
 from minivlmoe.gradcheck import GradcheckCase, assert_gradients, check_case
 from minivlmoe.testing.moe import aux_losses_cases, load_balance_case
 
@@ -20,12 +22,18 @@ SEEDS = st.integers(0, 2**32 - 1)
 
 
 def softmax(logits):
-    ex = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return ex / ex.sum(axis=1, keepdims=True)
+    """Router probabilities (N, E): the softmax op over the experts."""
+    return softmax_op.forward(logits, axis=1)[0]
 
 
 def top_k_indicator(probs, k):
-    """0/1 indicator of each row's k largest entries, built with a loop over tokens."""
+    """0/1 indicator (N, E) of each row's k largest entries: the library's one top-k
+    (router.top_k, lowest index wins ties) and aux.top_k_indicator."""
+    return aux.top_k_indicator(router.top_k(probs, k), probs.shape[1])
+
+
+def naive_top_k_indicator(probs, k):
+    """The same indicator built with a loop over tokens: sort by (-prob, index)."""
     assign = np.zeros(probs.shape)
     for n in range(probs.shape[0]):
         for e in sorted(range(probs.shape[1]), key=lambda e: (-probs[n, e], e))[:k]:
@@ -106,6 +114,20 @@ def grad_case(op, key, value, fwd, bwd):
 
 # ----------------------------------------------------------------------------------------
 # forward == naive loop reference
+
+
+@given(router_probs(), st.booleans())
+def test_top_k_indicator_matches_naive_loop_ties_included(case, tied):
+    probs, _, k = case
+    if tied:                                                     # few distinct values: ties
+        probs = np.round(4.0 * probs) / 4.0
+    assign = top_k_indicator(probs, k)
+    assert assign.dtype == np.float64
+    np.testing.assert_array_equal(assign, naive_top_k_indicator(probs, k))
+    experts = router.top_k(probs, k)
+    got = aux.top_k_indicator(experts, probs.shape[1], np.float32)
+    assert got.dtype == np.float32 and got.shape == probs.shape
+    np.testing.assert_array_equal(got, assign)
 
 
 @given(router_probs())
@@ -512,6 +534,12 @@ def test_bad_input_raises_naming_the_argument():
         (lambda: aux.global_threshold(5, num_experts=4), ValueError, "min_experts"),
         (lambda: aux.global_threshold(2.0), TypeError, "min_experts"),
         (lambda: aux.global_threshold(1, num_experts=0), ValueError, "num_experts"),
+        (lambda: aux.top_k_indicator(np.array([[0, 4]]), 4), ValueError,
+         r"experts must be in \[0, num_experts=4\), got values in \[0, 4\]"),
+        (lambda: aux.top_k_indicator(np.array([[-1, 0]]), 4), ValueError, "experts"),
+        (lambda: aux.top_k_indicator(np.array([[0.0, 1.0]]), 4), TypeError, "experts"),
+        (lambda: aux.top_k_indicator(np.array([0, 1]), 4), ValueError, "experts"),
+        (lambda: aux.top_k_indicator(np.array([[0, 1]]), 0), ValueError, "num_experts"),
     ]
     for i, (call, error, name) in enumerate(bad):
         with pytest.raises(error, match=name):

@@ -1,6 +1,7 @@
 """Softmax and logsumexp: gradients, the loop definition, properties, masks, bad input."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -40,6 +41,39 @@ def naive_logsumexp(x, axis):
         m = max(row)
         out[idx] = m + math.log(sum(math.exp(v - m) for v in row))
     return out
+
+
+def naive_masked_softmax(x, axis):
+    """One slice at a time over the finite entries only (-inf = masked); a slice with no
+    finite entry gives zeros.  Returns (p, logsumexp) with math.exp / math.log."""
+    xm = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
+    p = np.zeros_like(xm)
+    lse = np.full(xm.shape[:-1], -np.inf)
+    for idx in np.ndindex(xm.shape[:-1]):
+        live = [j for j in range(xm.shape[-1]) if xm[idx][j] != -np.inf]
+        if not live:
+            continue                                             # fully masked: p = 0
+        m = max(float(xm[idx][j]) for j in live)
+        e = {j: math.exp(float(xm[idx][j]) - m) for j in live}
+        for j in live:
+            p[idx][j] = e[j] / sum(e.values())
+        lse[idx] = m + math.log(sum(e.values()))
+    return np.moveaxis(p, -1, axis), lse
+
+
+@st.composite
+def masked_logits(draw, max_dims=3):
+    """(x, axis): random logits with random -inf entries and at least one fully masked
+    slice along ``axis`` whenever there are two or more slices."""
+    shape, axis = draw(shape_and_axis(max_dims))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = 2.0 * rng.standard_normal(shape)
+    x[rng.random(shape) < draw(st.sampled_from([0.0, 0.3, 0.7]))] = -np.inf
+    xm = np.moveaxis(x, axis, -1)                                # a view: writes go to x
+    slices = list(np.ndindex(xm.shape[:-1]))
+    if len(slices) >= 2:
+        xm[slices[draw(st.integers(0, len(slices) - 1))]] = -np.inf
+    return x, axis
 
 
 # Moderate logits only: once every probability saturates (all gradients < ~2e-4), the
@@ -137,6 +171,67 @@ def test_masked_entries_get_zero_and_fully_masked_row_no_nan():
     assert np.all(np.isfinite(dx)) and np.all(dx[1] == 0.0) and np.all(dx[0, [1, 3]] == 0.0)
     lse = softmax.logsumexp(x)
     assert lse[1] == -np.inf and np.isfinite(lse[[0, 2]]).all()
+
+
+@given(xa=masked_logits())
+def test_masked_and_fully_masked_slices_match_naive_loop(xa):
+    x, axis = xa
+    p_ref, lse_ref = naive_masked_softmax(x, axis)
+    p, cache = softmax.forward(x, axis=axis)
+    np.testing.assert_allclose(p, p_ref, rtol=1e-13, atol=1e-300)
+    assert np.all(p[x == -np.inf] == 0.0)                        # masked: exactly 0
+    lse = softmax.logsumexp(x, axis=axis)
+    dead = lse_ref == -np.inf                                    # fully masked slices
+    np.testing.assert_array_equal(lse[dead], -np.inf)
+    np.testing.assert_allclose(lse[~dead], lse_ref[~dead], rtol=1e-13, atol=1e-13)
+    # backward: dp @ J slice by slice (J = diag(p) - p p^T is 0 on a fully masked slice)
+    dp = np.random.default_rng(0).standard_normal(x.shape)
+    dx = softmax.backward(dp, cache)
+    pm, dpm, dxm = (np.moveaxis(a, axis, -1) for a in (p_ref, dp, dx))
+    for idx in np.ndindex(pm.shape[:-1]):
+        jac = np.diag(pm[idx]) - np.outer(pm[idx], pm[idx])
+        np.testing.assert_allclose(dxm[idx], dpm[idx] @ jac, rtol=1e-10, atol=1e-14)
+    assert np.all(dx[x == -np.inf] == 0.0)
+    assert np.all(np.moveaxis(dx, axis, -1)[dead] == 0.0)       # fully masked: exactly 0
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 6), rows=st.integers(2, 5))
+def test_gradients_with_fully_masked_rows(seed, n, rows):
+    """-inf entries and fully masked rows present: the finite entries are checked by
+    finite differences; a fully masked row's gradient is exactly 0."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, n))
+    x[rng.random((rows, n)) < 0.4] = -np.inf
+    dead = rng.random(rows) < 0.4
+    dead[0] = True                                               # at least one such row
+    x[dead] = -np.inf
+    case = GradcheckCase("softmax(fully masked rows)", {"x": x},
+                         lambda a: softmax.forward(a["x"]),
+                         lambda dout, cache: {"x": softmax.backward(dout, cache)})
+    assert_gradients(case, rng)
+    _, cache = softmax.forward(x)
+    dx = softmax.backward(rng.standard_normal(x.shape), cache)
+    np.testing.assert_array_equal(dx[dead], 0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fully_masked_slices_raise_no_floating_point_error(dtype):
+    """No 0/0, no -inf - -inf, no log(0) warning: every such error is raised here."""
+    x = np.full((3, 2, 4), -np.inf, dtype=dtype)
+    x[0, 0] = [1.0, -np.inf, 3.0, -2.0]
+    x[2, 1, 2] = 80.0
+    with warnings.catch_warnings(), np.errstate(divide="raise", over="raise", invalid="raise"):
+        warnings.simplefilter("error")
+        p, cache = softmax.forward(x, axis=-1)
+        dx = softmax.backward(np.ones_like(x), cache)
+        lse = softmax.logsumexp(x, axis=-1)
+    assert p.dtype == dx.dtype == lse.dtype == dtype
+    np.testing.assert_array_equal(p[1], 0.0)
+    np.testing.assert_array_equal(p[0, 1], 0.0)
+    np.testing.assert_array_equal(p[2, 1], [0.0, 0.0, 1.0, 0.0])
+    np.testing.assert_array_equal(dx[1], 0.0)
+    np.testing.assert_array_equal(lse[1], -np.inf)
+    assert np.isfinite(lse[0, 0]) and lse[2, 1] == np.float32(80.0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -11,7 +11,7 @@ Math (derived step by step in docs/moe/aux_losses.md)
 ``probs`` (N, E) are router probabilities (usually a softmax over experts, but every
 loss below is defined, and differentiated, for any non-negative array), ``logits``
 (N, E) the router logits, ``assign`` (N, E) the 0/1 indicator of each token's top-k
-experts *before* capacity dropping::
+experts *before* capacity dropping (:func:`top_k_indicator` of ``router.top_k``)::
 
     load_balance   = E * sum_e f_e P_e,   f_e = sum_n assign[n, e] / (N k),
                                           P_e = mean_n probs[n, e]          (Switch)
@@ -50,6 +50,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..ops import softmax
 from .._checks import check_array, check_float, check_int
 
 AUX_LOSSES = ("load_balance", "importance", "z_loss", "entropy_local", "entropy_global")
@@ -84,6 +85,27 @@ def _safe_log(p):
 
 # ----------------------------------------------------------------------------------------
 # Switch Transformer load balancing
+
+
+def top_k_indicator(experts, num_experts, dtype=np.float64):
+    """The ``assign`` of :func:`load_balance_forward`: 0/1 (N, E) with a 1 at each
+    token's chosen experts.
+
+    Parameters
+    ----------
+    experts : (N, K) int, distinct experts per row (the router's choice, ``router.top_k``).
+    num_experts : int E >= 1.
+    dtype : the dtype of the indicator (that of ``probs``).
+    """
+    check_array("experts", experts, ndim=2, axes="(N, K)", dtype_kind="i")
+    num_experts = check_int("num_experts", num_experts, 1)
+    if experts.size and not (0 <= experts.min() and experts.max() < num_experts):
+        raise ValueError(f"experts must be in [0, num_experts={num_experts}), got values "
+                         f"in [{experts.min()}, {experts.max()}]")
+    n = experts.shape[0]
+    assign = np.zeros((n, num_experts), dtype=dtype)             # (N, E)
+    assign[np.arange(n)[:, None], experts] = 1                   # (N, K) entries set
+    return assign
 
 
 class LoadBalanceCache(NamedTuple):
@@ -226,26 +248,23 @@ def z_loss_forward(logits):
     cache : ZLossCache (fields ``softmax``, ``lse``).
     """
     n_tokens, _ = _check_router_array("logits", logits)
-    row_max = logits.max(axis=1, keepdims=True)                  # (N, 1)
-    ex = np.exp(logits - row_max)                                # (N, E) in (0, 1]
-    total = ex.sum(axis=1, keepdims=True)                        # (N, 1) in [1, E]
-    lse = row_max[:, 0] + np.log(total[:, 0])                    # (N,)
-    softmax = ex / total                                         # (N, E)
+    lse = softmax.logsumexp(logits, axis=1)                      # (N,)
+    probs, _ = softmax.forward(logits, axis=1)                   # (N, E) d lse / d logits
     loss = float(np.mean(lse * lse)) if n_tokens else 0.0
-    return loss, ZLossCache(softmax, lse)
+    return loss, ZLossCache(softmax=probs, lse=lse)
 
 
 def z_loss_backward(dloss, cache):
     """``dlogits[n, e] = dloss * 2 lse_n softmax[n, e] / N``; returns dlogits (N, E)."""
-    softmax, lse = cache
+    probs, lse = cache
     n_tokens = lse.shape[0]
     if n_tokens == 0:
-        return np.zeros_like(softmax)
+        return np.zeros_like(probs)
     # loss = (1/N) sum_n lse_n^2          ->  dlse_n = dloss * 2 lse_n / N
     dlse = float(dloss) * 2.0 * lse / n_tokens                   # (N,)
     # lse_n = logsumexp_e logits[n, e]    ->  dlogits[n, e] = dlse_n * softmax[n, e]
-    dlogits = dlse[:, None] * softmax                            # (N, E)
-    return dlogits.astype(softmax.dtype, copy=False)
+    dlogits = dlse[:, None] * probs                              # (N, E)
+    return dlogits.astype(probs.dtype, copy=False)
 
 
 # ----------------------------------------------------------------------------------------

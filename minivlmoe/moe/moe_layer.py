@@ -243,8 +243,7 @@ def _pool_forward(x, params, config, modality, noise):
 
     # auxiliary losses on the probabilities and logits the router decided with
     probs, logits = routing.probs, routing.logits                # (N, E)
-    assign = np.zeros((n, e), dtype=probs.dtype)                 # (N, E) top-k indicator
-    assign[np.arange(n)[:, None], routing.experts] = 1
+    assign = aux_losses.top_k_indicator(routing.experts, e, probs.dtype)  # (N, E) 0/1
     groups = [None] if modality is None else [np.flatnonzero(modality == m) for m in (0, 1)]
     losses, caches = {}, {}
     losses["load_balance"], c = aux_losses.load_balance_forward(probs, assign, k)

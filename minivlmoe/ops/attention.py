@@ -8,31 +8,34 @@ layers q, k, v, o (each weight (D, D))::
     q = x Wq^T + bq,  k = x Wk^T + bk,  v = x Wv^T + bv          # (B, S, D) each
     split heads: 'b s (h e) -> b h s e'                          # (B, H, S, Dh) each
     scores[b,h,s,t] = q[b,h,s] . k[b,h,t] / sqrt(Dh)             # (B, H, S, S)
-    p[b,h,s,:] = masked_softmax(scores[b,h,s,:], mask[b,s,:])   # (B, H, S, S)
+    scores[b,h,s,t] = -inf  where mask[b,s,t] is False           # a masked key
+    p[b,h,s,:] = softmax(scores[b,h,s,:])                        # (B, H, S, S)
     ctx[b,h,s] = sum_t p[b,h,s,t] v[b,h,t]                       # (B, H, S, Dh)
     merge heads: 'b h s e -> b s (h e)'                          # (B, S, D)
     y = ctx Wo^T + bo                                            # (B, S, D)
 
 Masks
 -----
-``mask[b, s, t]`` is True when query ``s`` may attend to key ``t``.  The masked softmax
-runs over the allowed keys only::
+``mask[b, s, t]`` is True when query ``s`` may attend to key ``t``.  The scores of the
+other keys are set to ``-inf`` and the softmax op (:mod:`minivlmoe.ops.softmax`) runs
+over the allowed keys only::
 
     p[s, t] = exp(scores[s, t] - m_s) / sum_{t' allowed} exp(scores[s, t'] - m_s)  if allowed
     p[s, t] = 0                                                                     otherwise
     m_s = max over allowed t of scores[s, t]      (stable: every exponent is <= 0)
 
 so a masked key gets *exactly* zero probability (its exponential is exp(-inf) = 0, not
-a tiny number).  A query row with no allowed key at all is defined to have all-zero
-weights: its context is 0 and its output is just the bias ``bo``; no NaN appears in
-forward or backward.  :func:`make_mask` builds key-padding, causal and prefix-causal masks.
+a tiny number).  A query row with no allowed key at all (every score ``-inf``) gets
+all-zero weights from the softmax op: its context is 0 and its output is just the bias
+``bo``; no NaN appears in forward or backward.  :func:`make_mask` builds key-padding,
+causal and prefix-causal masks.
 
 Backward (derived in docs/ops/attention.md), for ``dy`` (B, S, D)::
 
     dctx, dWo, dbo = o.backward(dy);  split heads                # (B, H, S, Dh)
     dp = dctx v^T                                                # (B, H, S, S)
     dv = p^T dctx                                                # (B, H, S, Dh)
-    dscores = p * (dp - sum_t p dp) / sqrt(Dh)                   # softmax backward, scaled
+    dscores = softmax.backward(dp) / sqrt(Dh)                    # p * (dp - sum_t p dp), scaled
     dq = dscores k,  dk = dscores^T q                            # (B, H, S, Dh)
     merge heads; dx = q.backward(dq) + k.backward(dk) + v.backward(dv)   # x forks 3 ways
 
@@ -49,7 +52,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import sparse_linear
+from . import softmax, sparse_linear
 from .._checks import check_array, check_int, check_same_dtype
 
 PROJECTIONS = ("q", "k", "v", "o")
@@ -162,21 +165,6 @@ def _check_mask(mask, B, S):
     return mask
 
 
-def masked_softmax(scores, allowed):
-    """Softmax over the last axis restricted to ``allowed`` entries; 0 elsewhere.
-
-    ``scores`` (..., S) float, ``allowed`` bool broadcastable to it.  Rows with no
-    allowed entry come out all zero.  Stable: the row maximum is taken over allowed
-    entries only, so every exponent is <= 0.
-    """
-    masked = np.where(allowed, scores, -np.inf)                    # (..., S)
-    m = masked.max(axis=-1, keepdims=True)                         # (..., 1) -inf if none
-    m = np.where(np.isfinite(m), m, 0.0).astype(scores.dtype)     # (..., 1)
-    e = np.exp(masked - m)                                         # (..., S) exp(-inf) = 0
-    z = e.sum(axis=-1, keepdims=True)                              # (..., 1)
-    return e / np.where(z > 0, z, 1.0).astype(scores.dtype)       # (..., S)
-
-
 def forward(x, params, heads, mask=None):
     """Multi-head scaled dot-product self-attention.
 
@@ -210,15 +198,15 @@ def forward(x, params, heads, mask=None):
     k, lin["k"] = sparse_linear.forward(x, params["k"])            # (B, S, D)
     v, lin["v"] = sparse_linear.forward(x, params["v"])            # (B, S, D)
     q, k, v = (_split_heads(a, heads) for a in (q, k, v))          # (B, H, S, Dh) each
-    scores = (q @ k.transpose(0, 1, 3, 2)) * scale                 # (B, H, S, S)
-    if mask is None:
-        allowed = np.ones((1, 1, 1, 1), dtype=bool)                # (1, 1, 1, 1)
-    else:
-        allowed = mask[..., None, :, :] if mask.ndim == 3 else mask  # (B|1, 1, S, S)
-    probs = masked_softmax(scores, allowed)                        # (B, H, S, S)
+    scores = q @ k.transpose(0, 1, 3, 2)                           # (B, H, S, S)
+    scores *= scale                                                # (B, H, S, S) in place
+    if mask is not None:
+        allowed = mask[..., None, :, :] if mask.ndim == 3 else mask  # (B|1, 1, S, S) or (S, S)
+        np.copyto(scores, -np.inf, where=~allowed)                 # (B, H, S, S) masked keys
+    probs, _ = softmax.forward(scores, axis=-1)                    # (B, H, S, S) 0 where masked
     ctx = probs @ v                                                # (B, H, S, Dh)
     y, lin["o"] = sparse_linear.forward(_merge_heads(ctx), params["o"])  # (B, S, D)
-    return y, Cache(lin, q, k, v, probs, scale)
+    return y, Cache(lin=lin, q=q, k=k, v=v, probs=probs, scale=scale)
 
 
 def backward(dy, cache):
@@ -243,10 +231,10 @@ def backward(dy, cache):
     # ctx = p @ v
     dp = dctx @ v.transpose(0, 1, 3, 2)                            # (B, H, S, S)
     dv = p.transpose(0, 1, 3, 2) @ dctx                            # (B, H, S, Dh)
-    # p = masked_softmax(scores): dscores = p * (dp - <p, dp>); 0 where p is 0
-    dscores = p * (dp - (p * dp).sum(axis=-1, keepdims=True))      # (B, H, S, S)
-    # scores = (q @ k^T) * scale
-    dscores = dscores * scale                                      # (B, H, S, S)
+    # p = softmax(scores), masked scores at -inf: dscores = 0 wherever p = 0
+    dscores = softmax.backward(dp, softmax.Cache(p=p, axis=3))     # (B, H, S, S)
+    # scores = (q @ k^T) * scale  (a masked score is a constant -inf: no gradient)
+    dscores *= scale                                               # (B, H, S, S) in place
     dq = dscores @ k                                               # (B, H, S, Dh)
     dk = dscores.transpose(0, 1, 3, 2) @ q                         # (B, H, S, Dh)
     # q, k, v = proj(x): x forks into three branches, their gradients add

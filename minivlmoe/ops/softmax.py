@@ -18,8 +18,9 @@ Masked entries
 --------------
 ``x`` may contain ``-inf`` (a masked entry, e.g. a padded key): its probability is
 exactly 0.  A slice whose entries are *all* ``-inf`` has no distribution; its
-probabilities are all 0 (not NaN) and so is its gradient.  NaN and ``+inf`` are
-rejected.
+probabilities are all 0 (not NaN) and so is its gradient, with no floating-point warning
+(it is shifted by 0, not by ``-inf``, and its zero sum is replaced by 1).  Attention relies
+on this for queries with no allowed key.  NaN and ``+inf`` are rejected.
 """
 
 from __future__ import annotations
@@ -32,10 +33,13 @@ from .._checks import check_array, check_int
 
 
 def _check_logits(name, x, axis):
-    """Validate ``x`` (finite or -inf entries) and return ``axis`` as a non-negative int."""
+    """Validate ``x``'s type, dtype and shape; return ``axis`` as a non-negative int.
+
+    NaN and ``+inf`` are rejected later, on the slice maxima (:func:`_shifted_exp`): a
+    slice holds one iff its maximum is NaN or ``+inf``, and the maxima are one pass
+    over ``x`` that the softmax needs anyway.
+    """
     check_array(name, x, finite=False)
-    if np.isnan(x).any() or np.isposinf(x).any():
-        raise ValueError(f"{name} must be finite or -inf (masked), got NaN or +inf value(s)")
     if x.ndim < 1:
         raise ValueError(f"{name} must have at least 1 dimension, got shape {x.shape}")
     axis = check_int("axis", axis, -x.ndim, x.ndim - 1)
@@ -46,11 +50,18 @@ def _check_logits(name, x, axis):
     return axis
 
 
-def _shifted_exp(x, axis):
-    """``exp(x - m)`` with ``m`` the max along ``axis`` (0 for an all -inf slice)."""
-    m = np.max(x, axis=axis, keepdims=True)                     # (..., 1, ...)
-    m = np.where(np.isneginf(m), 0.0, m).astype(x.dtype)         # (..., 1, ...) all-masked -> 0
-    return np.exp(x - m), m                                      # (...) every exponent <= 0
+def _shifted_exp(name, x, axis):
+    """``e = exp(x - m)`` (a new array) and ``m``, the max along ``axis`` (0 for an all
+    -inf slice).  Raises if ``x`` holds NaN or ``+inf``."""
+    m = np.max(x, axis=axis, keepdims=True)                      # (..., 1, ...) NaN/+inf propagate
+    if not np.isfinite(m).all():
+        if np.isnan(m).any() or np.isposinf(m).any():
+            raise ValueError(f"{name} must be finite or -inf (masked), "
+                             "got NaN or +inf value(s)")
+        m[np.isneginf(m)] = 0.0                                  # (..., 1, ...) all-masked -> 0
+    e = np.subtract(x, m)                                        # (...) every exponent <= 0
+    np.exp(e, out=e)                                             # (...) in place, exp(-inf) = 0
+    return e, m
 
 
 def logsumexp(x, axis=-1, keepdims=False):
@@ -68,7 +79,7 @@ def logsumexp(x, axis=-1, keepdims=False):
         ``-inf`` for an all ``-inf`` slice.  Its gradient is ``softmax(x, axis)``.
     """
     axis = _check_logits("x", x, axis)
-    e, m = _shifted_exp(x, axis)                                 # (...), (..., 1, ...)
+    e, m = _shifted_exp("x", x, axis)                            # (...), (..., 1, ...)
     s = e.sum(axis=axis, keepdims=True)                          # (..., 1, ...) in [1, n], or 0
     with np.errstate(divide="ignore"):                           # log(0) = -inf: all masked
         lse = m + np.log(s)                                      # (..., 1, ...)
@@ -88,7 +99,10 @@ def forward(x, axis=-1):
 
     Parameters
     ----------
-    x : float32/float64 array (any shape, at least 1-D); ``-inf`` marks a masked entry.
+    x : float32/float64 array (any shape, at least 1-D); ``-inf`` marks a masked entry
+        (its probability is exactly 0).  A slice of only ``-inf`` gives all-zero
+        probabilities (no NaN, no warning) and a zero gradient.  NaN and ``+inf`` are
+        rejected.
     axis : int, the axis holding the distribution (e.g. the keys of attention).
 
     Returns
@@ -98,19 +112,23 @@ def forward(x, axis=-1):
     cache : Cache(p, axis)
     """
     axis = _check_logits("x", x, axis)
-    e, _ = _shifted_exp(x, axis)                                 # (...)
-    s = e.sum(axis=axis, keepdims=True)                          # (..., 1, ...)
-    p = e / np.where(s > 0, s, 1.0).astype(x.dtype)             # (...) all-masked -> 0
-    return p, Cache(p, axis)
+    p, _ = _shifted_exp("x", x, axis)                            # (...) e, normalized below
+    s = p.sum(axis=axis, keepdims=True)                          # (..., 1, ...) in [1, n], or 0
+    s[s == 0] = 1.0                                              # (..., 1, ...) all-masked: 0 / 1
+    p /= s                                                       # (...) in place: p = e / s
+    return p, Cache(p=p, axis=axis)
 
 
 def backward(dp, cache):
     """``dx = p * (dp - sum(p * dp, axis))``, same shape and dtype as ``x``.
 
     Staged: ``p = e / s``, ``e = exp(x - m)``; the shift ``m`` gets no gradient because
-    the output does not depend on it (its two contributions cancel exactly).
+    the output does not depend on it (its two contributions cancel exactly).  Where
+    ``p = 0`` (masked entries, all-masked slices) ``dx`` is exactly 0.
     """
     p, axis = cache
-    dot = np.sum(p * dp, axis=axis, keepdims=True)               # (..., 1, ...)
-    dx = p * (dp - dot)                                          # (...)
+    dx = p * dp                                                  # (...)
+    dot = dx.sum(axis=axis, keepdims=True)                       # (..., 1, ...) sum p dp
+    np.subtract(dp, dot, out=dx)                                 # (...) in place: dp - dot
+    dx *= p                                                      # (...) p (dp - dot)
     return dx.astype(p.dtype, copy=False)

@@ -146,10 +146,9 @@ ASSIGN_SKIP = {"assign": "0/1 top-k indicator: piecewise constant in the router,
 
 
 def top_k_indicator(probs, k):
-    """0/1 (N, E) indicator of the k largest entries per row (:func:`router.top_k`)."""
-    assign = np.zeros(probs.shape)                               # (N, E)
-    np.put_along_axis(assign, router.top_k(probs, k), 1.0, axis=1)
-    return assign
+    """0/1 (N, E) indicator of the k largest entries per row: the one top-k
+    (:func:`router.top_k`) through :func:`aux_losses.top_k_indicator`."""
+    return aux_losses.top_k_indicator(router.top_k(probs, k), probs.shape[1], probs.dtype)
 
 
 def load_balance_case(name, probs, assign, k):
