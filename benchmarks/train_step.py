@@ -63,7 +63,7 @@ def instrument_moe(holder):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="default", choices=sorted(train.PRESETS))
-    parser.add_argument("--experts", default=None, choices=train.EXPERT_MODES)
+    parser.add_argument("--experts", default=None, choices=model.EXPERT_MODES)
     parser.add_argument("--steps", type=int, default=20, help="timed steps (20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (3)")
     parser.add_argument("--batch-size", type=int, default=None)

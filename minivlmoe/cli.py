@@ -283,7 +283,8 @@ def _positive_float(text):
 
 
 def build_parser():
-    from .train import EXPERT_MODES, PRESETS
+    from .model import EXPERT_MODES
+    from .train import PRESETS
 
     parser = argparse.ArgumentParser(prog="minivlmoe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")

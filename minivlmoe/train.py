@@ -47,6 +47,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import checkpoint, evaluate, model, optim
+from .model import EXPERT_MODES
 from ._checks import check_choice, check_float, check_int
 from .data import grammar_words, make_splits, max_caption_words
 from .tokenizer import PAD_ID, Tokenizer
@@ -147,7 +148,6 @@ PRESETS = {
               dict(steps=6000, batch_size=96, lr=1.5e-3, warmup_steps=200, eval_every=1000,
                    n_train=16384, n_test=1024, max_objects=3)),
 }
-EXPERT_MODES = ("modality", "shared", "dense")
 
 
 def preset_configs(name="default", *, experts=None, dtype=None, **train_overrides):
