@@ -2,7 +2,7 @@
 
 Runs a few warm-up steps, then times ``--steps`` full training steps of a preset (forward,
 backward, AdamW update, batch gathering) with the model's ``timer`` hook
-(:class:`minivlmoe.train.SectionTimer`), and prints each section's share of the wall time
+(:class:`minivlmoe.timing.SectionTimer`), and prints each section's share of the wall time
 and the throughput in tokens per second ((1 + P) image tokens + T text tokens per pair).
 
 The model's hook charges a whole MoE layer to "moe"; this script also wraps the
@@ -26,6 +26,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from minivlmoe import model, optim, train
+from minivlmoe.timing import SectionTimer  # noqa: E402
 from minivlmoe.moe import aux_losses, dispatch, experts, router
 from minivlmoe.tokenizer import PAD_ID  # noqa: E402
 
@@ -85,7 +86,7 @@ def main():
     adamw = tcfg.adamw()
     stream = train.BatchStream(len(ids), tcfg.batch_size, rng)
 
-    holder = {"timer": train.SectionTimer()}
+    holder = {"timer": SectionTimer()}
     instrument_moe(holder)
 
     def one_step(timer):
@@ -99,8 +100,8 @@ def main():
             optim.step(params, grads, state, adamw)
 
     for _ in range(args.warmup):
-        one_step(train.SectionTimer())
-    timer = train.SectionTimer()
+        one_step(SectionTimer())
+    timer = SectionTimer()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         one_step(timer)

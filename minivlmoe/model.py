@@ -58,7 +58,6 @@ residual fork named.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import NamedTuple
 
@@ -69,6 +68,7 @@ from .ops import attention, contrastive, cross_entropy, ffn, l2norm, layernorm, 
 from .moe import aux_losses, moe_layer, router
 from ._checks import check_array, check_choice, check_float, check_int
 from . import tree
+from .timing import NULL_TIMER
 from .tree import flatten, unflatten, with_values, zeros_like
 
 EXPERT_MODES = ("modality", "shared", "dense")
@@ -275,11 +275,6 @@ def num_params(params):
 
 # ----------------------------------------------------------------------------- helpers
 
-def _section(timer, name):
-    """``timer.section(name)`` or a no-op context when no timer is given."""
-    return contextlib.nullcontext() if timer is None else timer.section(name)
-
-
 def _check_images(cfg, images):
     check_array("images", images, ndim=4, axes="(B, R, R, Ch)")
     R, Ch = cfg.image_size, cfg.channels
@@ -430,7 +425,8 @@ def _moe_stats(aux, margin):
             "min_margin": margin, "pools": pools}
 
 
-def tower_forward(x, mask, modality, rows, params, cfg, *, rng=None, train=False, timer=None):
+def tower_forward(x, mask, modality, rows, params, cfg, *, rng=None, train=False,
+                  timer=NULL_TIMER):
     """All blocks and the final layer norm.
 
     Parameters
@@ -441,7 +437,8 @@ def tower_forward(x, mask, modality, rows, params, cfg, *, rng=None, train=False
     rows : (M,) int flat indices of the tokens that go through the FFN/MoE sublayers,
         or None for all N.
     params : the model params.   cfg : ModelConfig.
-    rng, train : router noise (MoE layers only).   timer : optional section timer.
+    rng, train : router noise (MoE layers only).
+    timer : sections "attention", "ffn", "moe" (minivlmoe/timing.py).
 
     Returns
     -------
@@ -457,11 +454,11 @@ def tower_forward(x, mask, modality, rows, params, cfg, *, rng=None, train=False
     aux_total, stats, caches = 0.0, {}, []
     for i, (kind, _) in enumerate(cfg.layer_kinds()):
         p = params["blocks"][str(i)]
-        with _section(timer, "attention"):
+        with timer.section("attention"):
             a_in, c_ln1 = layernorm.forward(x, p["ln1"], LN_EPS)   # (B, S, D)
             a, c_attn = attention.forward(a_in, p["attn"], cfg.heads, mask)  # (B, S, D)
             x1 = x + a                                             # (B, S, D) residual
-        with _section(timer, kind):
+        with timer.section(kind):
             f_in, c_ln2 = layernorm.forward(x1, p["ln2"], LN_EPS)  # (B, S, D)
             f_in = f_in.reshape(N, D)                              # (N, D) 'b s d -> (b s) d'
             f_rows = f_in if rows is None else f_in[rows]          # (M, D) active tokens
@@ -483,7 +480,7 @@ def tower_forward(x, mask, modality, rows, params, cfg, *, rng=None, train=False
     return h, aux_total, stats, TowerCache(caches, c_lnf, rows, (B, S, D))
 
 
-def tower_backward(dh, cache, *, timer=None):
+def tower_backward(dh, cache, *, timer=NULL_TIMER):
     """Reverse of :func:`tower_forward` (every residual fork named).
 
     Returns
@@ -500,7 +497,7 @@ def tower_backward(dh, cache, *, timer=None):
     for i in reversed(range(len(cache.blocks))):
         c = cache.blocks[i]
         g = {}
-        with _section(timer, c.kind):
+        with timer.section(c.kind):
             # x2 = x1 + scatter_rows(f): fork into the residual and the FFN branch
             dx2 = dx.reshape(N, D)                                 # (N, D)
             dx1_resid = dx2                                        # (N, D) residual branch
@@ -518,7 +515,7 @@ def tower_backward(dh, cache, *, timer=None):
             # f_in = LN2(x1)
             dx1_ln, g["ln2"] = layernorm.backward(df_in, c.ln2)    # (B, S, D)
             dx1 = dx1_resid.reshape(B, S, D) + dx1_ln              # (B, S, D) forks join
-        with _section(timer, "attention"):
+        with timer.section("attention"):
             # x1 = x + attn(a_in): fork into the residual and the attention branch
             dx_resid = dx1                                         # (B, S, D)
             da_in, g["attn"] = attention.backward(dx1, c.attn)     # (B, S, D)
@@ -563,7 +560,8 @@ class Cache(NamedTuple):
     params: dict
 
 
-def forward(params, cfg, images, ids, *, pad_id, keys=None, rng=None, train=False, timer=None):
+def forward(params, cfg, images, ids, *, pad_id, keys=None, rng=None, train=False,
+            timer=NULL_TIMER):
     """Forward of the training objective (arguments as :func:`loss_and_grads`).
 
     Returns
@@ -591,7 +589,7 @@ def forward(params, cfg, images, ids, *, pad_id, keys=None, rng=None, train=Fals
     Tc, Tr = (T - 1 if use_cap else 0), (T if use_ret else 0)
 
     # ---- embed: [image | caption input | retrieval text]
-    with _section(timer, "embed"):
+    with timer.section("embed"):
         x, mask, modality, rows, c_patch, c_cap, c_ret = embed_sequence(
             params, cfg, images, ids[:, :-1] if use_cap else None, ids if use_ret else None,
             pad_id, ids[:, 1:] != pad_id)                          # (B, S, D), (B, S, S)
@@ -603,7 +601,7 @@ def forward(params, cfg, images, ids, *, pad_id, keys=None, rng=None, train=Fals
     # ---- heads and losses
     losses = {"contrastive": 0.0, "caption": 0.0}
     c_ip = c_in = c_tp = c_tn = c_con = txt_last = c_lm = c_ce = None
-    with _section(timer, "losses"):
+    with timer.section("losses"):
         if use_ret:
             img_pool = h[:, 0]                                     # (B, D) final cls
             txt_last = _last_valid(ids != pad_id)                  # (B,)
@@ -630,7 +628,7 @@ def forward(params, cfg, images, ids, *, pad_id, keys=None, rng=None, train=Fals
     return losses, stats, cache
 
 
-def backward(cache, timer=None):
+def backward(cache, timer=NULL_TIMER):
     """The whole model's backward: the forward's call list in reverse.
 
     Returns the gradient of ``losses["total"]`` keyed exactly like the params (the
@@ -641,7 +639,7 @@ def backward(cache, timer=None):
     B, S, D = cache.tower.shape
     grads = {}
     dh = np.zeros((B, S, D), dtype=cfg.np_dtype)                   # (B, S, D)
-    with _section(timer, "losses"):
+    with timer.section("losses"):
         # total = caption_weight * caption + ...
         if cache.caption is not None:
             dlogits = cross_entropy.backward(cfg.caption_weight, cache.caption)  # (B, T-1, V)
@@ -659,7 +657,7 @@ def backward(cache, timer=None):
             dh[:, 0] += dimg_pool                                  # (B, D) cls rows
     # the tower (aux losses enter inside each MoE backward with weight 1)
     dx, grads["blocks"], grads["ln_f"] = tower_backward(dh, cache.tower, timer=timer)
-    with _section(timer, "embed"):
+    with timer.section("embed"):
         _, grads["patch"] = patch_embed.backward(dx[:, :P1], cache.patch)  # images: no grad
         # the text table is used twice (caption input, retrieval text): the grads add
         dtext = zeros_like(cache.params["text"])
@@ -676,7 +674,7 @@ def backward(cache, timer=None):
 
 
 def loss_and_grads(params, cfg, images, ids, *, pad_id, keys=None, rng=None, train=True,
-                   timer=None):
+                   timer=NULL_TIMER):
     """Losses, gradients of ``losses["total"]`` and routing statistics for one batch.
 
     Parameters
@@ -689,7 +687,7 @@ def loss_and_grads(params, cfg, images, ids, *, pad_id, keys=None, rng=None, tra
     rng : numpy.random.Generator for the router noise (needed when train and
         router_noise > 0).
     train : bool, router noise on.
-    timer : object with a ``section(name)`` context manager, or None.
+    timer : object with a ``section(name)`` context manager (minivlmoe/timing.py).
 
     Returns
     -------
