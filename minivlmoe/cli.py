@@ -119,9 +119,11 @@ def cmd_train(args):
             with open(config_path, encoding="utf-8") as f:
                 saved = json.load(f)
             model_cfg, train_cfg, _ = train.parse_run_config(saved)
-        except (OSError, ValueError) as e:
-            return _fail(f"cannot resume from {out}: {config_path} is missing or not a run "
-                         f"config ({type(e).__name__})")
+        except OSError as e:
+            return _fail(f"cannot resume from {out}: {config_path} is missing "
+                         f"({type(e).__name__})")
+        except ValueError as e:                    # not JSON, not a run config, old version
+            return _fail(f"cannot resume from {out}: {config_path}: {e}")
         preset = saved.get("preset")
         if args.preset is not None and args.preset != preset:
             return _fail(f"--preset {args.preset} does not match the run in {out} "

@@ -47,10 +47,13 @@ Heads and losses (docs/objectives.md)::
 
     img_emb = l2norm(img_proj(h[:, 0]))                 the final cls token
     txt_emb = l2norm(txt_proj(h[:, last non-pad]))      the retrieval text's eos token
-    contrastive = InfoNCE(img_emb, txt_emb, log_temp, positives from duplicate keys)
+    contrastive = InfoNCE(img_emb, txt_emb, log_logit_scale, positives from duplicate keys)
     caption = CE(lm_head(h[:, caption rows]), ids[:, 1:], ignore_index=pad_id)
     aux = sum over MoE layers of the weighted auxiliary losses
     total = contrastive_weight * contrastive + caption_weight * caption + aux
+
+``log_logit_scale`` is the log of the contrastive logits' scale, the *inverse*
+temperature: temperature = exp(-log_logit_scale), about 0.07 at init (CLIP).
 
 Backward is written out in :func:`backward` as the reverse call list, with every
 residual fork named.
@@ -237,7 +240,7 @@ def init(rng, cfg):
     -------
     params : {"patch": {"proj", "cls", "pos"}, "text": {"tok", "pos"},
               "blocks": {"0": {"ln1", "attn", "ln2", "ffn" | "moe"}, ...},
-              "ln_f", "img_proj", "txt_proj", "log_temp" (shape ()), "lm_head"}
+              "ln_f", "img_proj", "txt_proj", "log_logit_scale" (shape ()), "lm_head"}
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
@@ -262,7 +265,7 @@ def init(rng, cfg):
     params["ln_f"] = layernorm.init(D, dt)
     params["img_proj"] = sparse_linear.init(rng, D, cfg.embed_dim, cfg.density, dt)
     params["txt_proj"] = sparse_linear.init(rng, D, cfg.embed_dim, cfg.density, dt)
-    params["log_temp"] = np.array(contrastive.LOG_TEMP_INIT, dtype=dt)
+    params["log_logit_scale"] = np.array(contrastive.LOG_LOGIT_SCALE_INIT, dtype=dt)
     params["lm_head"] = sparse_linear.init(rng, D, cfg.vocab_size, cfg.density, dt)
     return params
 
@@ -611,7 +614,7 @@ def forward(params, cfg, images, ids, *, pad_id, keys=None, rng=None, train=Fals
             txt_z, c_tp = sparse_linear.forward(txt_pool, params["txt_proj"])  # (B, E_d)
             txt_emb, c_tn = l2norm.forward(txt_z)                  # (B, E_d)
             losses["contrastive"], c_con = contrastive.forward(
-                img_emb, txt_emb, params["log_temp"], positives)
+                img_emb, txt_emb, params["log_logit_scale"], positives)
         if use_cap:
             h_cap = h[:, P1:P1 + Tc]                               # (B, T-1, D)
             logits, c_lm = sparse_linear.forward(h_cap, params["lm_head"])  # (B, T-1, V)
@@ -621,7 +624,9 @@ def forward(params, cfg, images, ids, *, pad_id, keys=None, rng=None, train=Fals
                        + cfg.caption_weight * losses["caption"] + losses["aux"])
     for name in aux_losses.AUX_LOSSES:
         losses[f"aux_{name}"] = float(sum(s["losses"][name] for s in stats.values()))
-    stats = {"moe": stats, "temperature": float(np.exp(params["log_temp"])),
+    stats = {"moe": stats,
+             "temperature": float(np.exp(-params["log_logit_scale"])),
+             "logit_scale": float(np.exp(params["log_logit_scale"])),
              "tokens": int(rows.size)}
     cache = Cache(cfg, (P1, Tc, Tr), c_patch, c_cap, c_ret, c_tower, c_ip, c_in, c_tp, c_tn,
                   c_con, txt_last, c_lm, c_ce, params)
@@ -647,7 +652,7 @@ def backward(cache, timer=NULL_TIMER):
             dh[:, P1:P1 + Tc] = dh_cap                             # (B, T-1, D)
         # total = contrastive_weight * contrastive + ...
         if cache.contrastive is not None:
-            dimg_emb, dtxt_emb, grads["log_temp"] = contrastive.backward(
+            dimg_emb, dtxt_emb, grads["log_logit_scale"] = contrastive.backward(
                 cfg.contrastive_weight, cache.contrastive)        # (B, E_d) x2, ()
             dtxt_z = l2norm.backward(dtxt_emb, cache.txt_norm)     # (B, E_d)
             dtxt_pool, grads["txt_proj"] = sparse_linear.backward(dtxt_z, cache.txt_proj)
@@ -667,7 +672,7 @@ def backward(cache, timer=NULL_TIMER):
             dtext = tree.add(dtext, token_embed.backward(dx[:, P1 + Tc:], cache.ret_embed))
         grads["text"] = dtext
     # heads that an objective with weight 0 never used get exact zeros
-    for name in ("img_proj", "txt_proj", "log_temp", "lm_head"):
+    for name in ("img_proj", "txt_proj", "log_logit_scale", "lm_head"):
         if name not in grads:
             grads[name] = zeros_like(cache.params[name])
     return {name: grads[name] for name in cache.params}
@@ -695,7 +700,8 @@ def loss_and_grads(params, cfg, images, ids, *, pad_id, keys=None, rng=None, tra
     grads : keyed exactly like ``params`` (sparse grads with the weights' patterns).
     stats : {"moe": {"blocks.i": {"dropped_fraction", "losses", "min_margin", "pools":
         {pool: {"capacity", "routed", "load", "usage" (2, E) image/text rows,
-        "dropped_fraction"}}}}, "temperature", "tokens"}.
+        "dropped_fraction"}}}}, "temperature" exp(-log_logit_scale), "logit_scale"
+        exp(log_logit_scale), "tokens"}.
     """
     losses, stats, cache = forward(params, cfg, images, ids, pad_id=pad_id, keys=keys, rng=rng,
                                    train=train, timer=timer)

@@ -53,7 +53,7 @@ from .data import grammar_words, make_splits, max_caption_words
 from .tokenizer import PAD_ID, Tokenizer
 
 RUN_FORMAT = "minivlmoe-run"
-RUN_VERSION = 1
+RUN_VERSION = 2                  # 2: the params key log_temp became log_logit_scale
 CKPT_NAME = "ckpt.npz"
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
@@ -196,6 +196,10 @@ def parse_run_config(d):
     """
     if not isinstance(d, dict) or d.get("format") != RUN_FORMAT:
         raise ValueError(f"not a minivlmoe run config (format {RUN_FORMAT!r} expected)")
+    if d.get("version") == 1:
+        raise ValueError(f"run format version 1 is not supported: this minivlmoe reads "
+                         f"version {RUN_VERSION} (log_temp was renamed log_logit_scale); "
+                         f"retrain the run")
     if d.get("version") != RUN_VERSION:
         raise ValueError(f"unknown run config version {d.get('version')!r} "
                          f"(this minivlmoe reads version {RUN_VERSION})")

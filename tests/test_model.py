@@ -121,7 +121,7 @@ def test_grads_have_the_params_structure(mode, objective):
         assert g.dtype == w.dtype and g.shape == w.shape, path
         if isinstance(w, sp.csr_array):
             assert np.array_equal(g.indices, w.indices) and np.array_equal(g.indptr, w.indptr)
-    unused = {"retrieval": ["lm_head"], "fusion": ["img_proj", "txt_proj", "log_temp"],
+    unused = {"retrieval": ["lm_head"], "fusion": ["img_proj", "txt_proj", "log_logit_scale"],
               "both": []}[objective]
     for name in unused:                                            # untouched heads: exact 0
         for leaf in flatten(grads[name]).values():
@@ -184,6 +184,21 @@ def test_losses_sum_to_total_and_stats_are_json():
     usage = np.array(layer["pools"]["shared"]["usage"])            # (2, E) image / text
     assert usage.sum() == stats["tokens"] * cfg.top_k              # dropless: all kept
     assert layer["dropped_fraction"] == 0.0
+
+
+def test_stats_report_the_temperature_and_the_logit_scale():
+    """log_logit_scale is the log of the INVERSE temperature: 0.07 and 1/0.07 at init."""
+    cfg = model.tiny_config("shared")
+    rng = np.random.default_rng(14)
+    params = model.init(rng, cfg)
+    images, ids = model.tiny_batch(rng, cfg, pad_id=PAD)
+    _, stats, _ = model.forward(params, cfg, images, ids, pad_id=PAD)
+    assert stats["temperature"] == pytest.approx(0.07, rel=1e-12)
+    assert stats["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-12)
+    params["log_logit_scale"] = np.array(np.log(20.0))
+    _, stats, cache = model.forward(params, cfg, images, ids, pad_id=PAD)
+    assert stats["temperature"] == pytest.approx(0.05, rel=1e-12)
+    assert float(cache.contrastive.logit_scale) == pytest.approx(20.0, rel=1e-12)
 
 
 def test_capacity_drops_are_reported():
