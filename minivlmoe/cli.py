@@ -40,7 +40,7 @@ GRADCHECK_MODULES = [
     "moe.experts",
     "moe.aux_losses",
     "moe.moe_layer",
-    "model",
+    "testing.model",
 ]
 
 
@@ -224,9 +224,8 @@ def cmd_caption(args):
 
 
 def cmd_retrieve(args):
-    from . import model
+    from . import inference
     from .data import to_ascii
-    from .evaluate import embed_images
     from .tokenizer import PAD_ID, UNK_ID, tokenize
 
     ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.ckpt)
@@ -242,8 +241,8 @@ def cmd_retrieve(args):
               file=sys.stderr)
     test = _test_split(model_cfg, train_cfg)
     images = test.images.astype(model_cfg.dtype, copy=False)           # (B, R, R, Ch)
-    img_emb = embed_images(ckpt.params, model_cfg, images)              # (B, Dp)
-    txt_emb = model.encode_texts(ckpt.params, model_cfg, ids, pad_id=PAD_ID)  # (1, Dp)
+    img_emb = inference.encode_images(ckpt.params, model_cfg, images)  # (B, De)
+    txt_emb = inference.encode_texts(ckpt.params, model_cfg, ids, pad_id=PAD_ID)  # (1, De)
     scores = img_emb @ txt_emb[0]                                       # (B,)
     order = np.argsort(-scores, kind="stable")[:args.top]              # (top,)
     print(f"best matches among {len(test)} test images for {args.caption!r}:")
