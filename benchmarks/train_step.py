@@ -2,7 +2,7 @@
 
 Runs a few warm-up steps, then times ``--steps`` full training steps of a preset (forward,
 backward, AdamW update, batch gathering) with the model's ``timer`` hook
-(:class:`minivlmoe.train.SectionTimer`), and prints each section's share of the wall time
+(:class:`minivlmoe.timing.SectionTimer`), and prints each section's share of the wall time
 and the throughput in tokens per second ((1 + P) image tokens + T text tokens per pair).
 
 The model's hook charges a whole MoE layer to "moe"; this script also wraps the
@@ -26,6 +26,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from minivlmoe import model, optim, runs, train
+from minivlmoe.timing import SectionTimer  # noqa: E402
 from minivlmoe.moe import aux_losses, dispatch, experts, router
 from minivlmoe.tokenizer import PAD_ID  # noqa: E402
 
@@ -63,7 +64,7 @@ def instrument_moe(holder):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="default", choices=sorted(runs.PRESETS))
-    parser.add_argument("--experts", default=None, choices=runs.EXPERT_MODES)
+    parser.add_argument("--experts", default=None, choices=model.EXPERT_MODES)
     parser.add_argument("--steps", type=int, default=20, help="timed steps (20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (3)")
     parser.add_argument("--batch-size", type=int, default=None)
@@ -85,7 +86,7 @@ def main():
     adamw = tcfg.adamw()
     stream = train.BatchStream(len(ids), tcfg.batch_size, rng)
 
-    holder = {"timer": train.SectionTimer()}
+    holder = {"timer": SectionTimer()}
     instrument_moe(holder)
 
     def one_step(timer):
@@ -99,8 +100,8 @@ def main():
             optim.step(params, grads, state, adamw)
 
     for _ in range(args.warmup):
-        one_step(train.SectionTimer())
-    timer = train.SectionTimer()
+        one_step(SectionTimer())
+    timer = SectionTimer()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         one_step(timer)

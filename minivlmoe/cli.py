@@ -101,9 +101,11 @@ def cmd_train(args):
             with open(config_path, encoding="utf-8") as f:
                 saved = json.load(f)
             model_cfg, train_cfg, _ = runs.parse_run_config(saved)
-        except (OSError, ValueError) as e:
-            return _fail(f"cannot resume from {out}: {config_path} is missing or not a run "
-                         f"config ({type(e).__name__})")
+        except OSError as e:
+            return _fail(f"cannot resume from {out}: {config_path} is missing "
+                         f"({type(e).__name__})")
+        except ValueError as e:                    # not JSON, not a run config, old version
+            return _fail(f"cannot resume from {out}: {config_path}: {e}")
         preset = saved.get("preset")
         if args.preset is not None and args.preset != preset:
             return _fail(f"--preset {args.preset} does not match the run in {out} "
@@ -204,9 +206,8 @@ def cmd_caption(args):
 
 
 def cmd_retrieve(args):
-    from . import model
+    from . import inference
     from .world import to_ascii
-    from .evaluate import embed_images
     from .tokenizer import PAD_ID, UNK_ID, tokenize
 
     ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.ckpt)
@@ -222,8 +223,8 @@ def cmd_retrieve(args):
               file=sys.stderr)
     test = _test_split(model_cfg, train_cfg)
     images = test.images.astype(model_cfg.dtype, copy=False)           # (B, R, R, Ch)
-    img_emb = embed_images(ckpt.params, model_cfg, images)              # (B, De)
-    txt_emb = model.encode_texts(ckpt.params, model_cfg, ids, pad_id=PAD_ID)  # (1, De)
+    img_emb = inference.encode_images(ckpt.params, model_cfg, images)  # (B, De)
+    txt_emb = inference.encode_texts(ckpt.params, model_cfg, ids, pad_id=PAD_ID)  # (1, De)
     scores = img_emb @ txt_emb[0]                                       # (B,)
     order = np.argsort(-scores, kind="stable")[:args.top]              # (top,)
     print(f"best matches among {len(test)} test images for {args.caption!r}:")
@@ -265,7 +266,8 @@ def _positive_float(text):
 
 
 def build_parser():
-    from .runs import EXPERT_MODES, PRESETS
+    from .model import EXPERT_MODES
+    from .runs import PRESETS
 
     parser = argparse.ArgumentParser(prog="minivlmoe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")

@@ -24,15 +24,15 @@ What is measured (definitions of the metrics themselves: minivlmoe/metrics.py)
   per MoE layer and per expert pool, the fraction of each modality's tokens sent to
   each expert and the dropped-token fraction.
 
-Everything is batched; nothing loops over test items in Python except string work
-(decoding ids to words).
+Everything is batched (the embeddings and the captions by minivlmoe/inference.py);
+nothing loops over test items in Python except string work (decoding ids to words).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import metrics, model
+from . import inference, metrics, model
 from .data import ImageCaptionDataset
 from .scenes import COLORS, SHAPES, SIZES
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -44,23 +44,6 @@ def caption_keys(captions):
     """(B,) int ids of the caption texts: equal captions get equal ids."""
     _, keys = np.unique(np.asarray(captions, dtype=object).astype(str), return_inverse=True)
     return keys.reshape(-1).astype(np.int64)                            # (B,)
-
-
-def _batched(fn, n, batch_size):
-    """Concatenate ``fn(slice)`` over consecutive slices of ``range(n)`` (axis 0)."""
-    return np.concatenate([fn(slice(s, s + batch_size)) for s in range(0, n, batch_size)])
-
-
-def embed_images(params, cfg, images, *, batch_size=256):
-    """Unit-norm image embeddings (B, embed_dim), in batches."""
-    return _batched(lambda s: model.encode_images(params, cfg, images[s]),
-                    images.shape[0], batch_size)                        # (B, embed_dim)
-
-
-def embed_texts(params, cfg, ids, *, batch_size=256):
-    """Unit-norm caption embeddings (B, embed_dim) of token ids (B, T), in batches."""
-    return _batched(lambda s: model.encode_texts(params, cfg, ids[s], pad_id=PAD_ID),
-                    ids.shape[0], batch_size)                           # (B, embed_dim)
 
 
 def retrieval(img_emb, txt_emb, keys, heldout=None):
@@ -86,7 +69,7 @@ def zero_shot_prompts(attribute):
     return values, prompts
 
 
-def zero_shot(params, cfg, img_emb, records, tokenizer, *, batch_size=256):
+def zero_shot(params, cfg, img_emb, records, tokenizer, *, batch_size=inference.BATCH_SIZE):
     """Zero-shot accuracy of each attribute on the one-object images of ``records``.
 
     A class's score is the similarity of its best-matching prompt (max over the class's
@@ -102,7 +85,8 @@ def zero_shot(params, cfg, img_emb, records, tokenizer, *, batch_size=256):
         values, prompts = zero_shot_prompts(attribute)
         flat = [p for group in prompts for p in group]
         ids = tokenizer.encode(flat, cfg.max_text_len)                  # (A*Pc, T)
-        txt = embed_texts(params, cfg, ids, batch_size=batch_size)      # (A*Pc, embed_dim)
+        txt = inference.encode_texts(params, cfg, ids, pad_id=PAD_ID,
+                                     batch_size=batch_size)             # (A*Pc, De)
         sim = img_emb[single] @ txt.T                                   # (Bs, A*Pc)
         class_sim = sim.reshape(single.size, len(values), -1).max(axis=2)  # (Bs, A)
         labels = getattr(records, attribute)[single, 0]                 # (Bs,)
@@ -110,12 +94,11 @@ def zero_shot(params, cfg, img_emb, records, tokenizer, *, batch_size=256):
     return out
 
 
-def generate_captions(params, cfg, images, tokenizer, *, batch_size=256):
+def generate_captions(params, cfg, images, tokenizer, *, batch_size=inference.BATCH_SIZE):
     """Greedy captions (list of str) for (B, R, R, Ch) images."""
-    ids = _batched(lambda s: model.greedy_decode(params, cfg, images[s], bos_id=BOS_ID,
-                                                 eos_id=EOS_ID, pad_id=PAD_ID,
-                                                 max_len=cfg.max_text_len),
-                   images.shape[0], batch_size)                         # (B, T)
+    ids = inference.greedy_decode(params, cfg, images, bos_id=BOS_ID, eos_id=EOS_ID,
+                                  pad_id=PAD_ID, max_len=cfg.max_text_len,
+                                  batch_size=batch_size)                # (B, T)
     return tokenizer.decode_batch(ids)
 
 
@@ -138,8 +121,8 @@ def losses_and_experts(params, cfg, images, ids, keys):
     return out, stats
 
 
-def evaluate(params, cfg, dataset, tokenizer, *, batch_size=256, decode=True,
-             loss_batch=256):
+def evaluate(params, cfg, dataset, tokenizer, *, batch_size=inference.BATCH_SIZE,
+             decode=True, loss_batch=256):
     """All test metrics of ``params`` on ``dataset`` as one flat JSON-able dict.
 
     Parameters
@@ -163,8 +146,10 @@ def evaluate(params, cfg, dataset, tokenizer, *, batch_size=256, decode=True,
     images = dataset.images.astype(dtype, copy=False)                   # (B, R, R, Ch)
     ids = tokenizer.encode(dataset.captions, cfg.max_text_len)          # (B, T)
     keys = caption_keys(dataset.captions)                               # (B,)
-    img_emb = embed_images(params, cfg, images, batch_size=batch_size)  # (B, embed_dim)
-    txt_emb = embed_texts(params, cfg, ids, batch_size=batch_size)      # (B, embed_dim)
+    img_emb = inference.encode_images(params, cfg, images,
+                                      batch_size=batch_size)            # (B, De)
+    txt_emb = inference.encode_texts(params, cfg, ids, pad_id=PAD_ID,
+                                     batch_size=batch_size)             # (B, De)
     out = retrieval(img_emb, txt_emb, keys, dataset.heldout)
     if dataset.records is not None:
         out.update(zero_shot(params, cfg, img_emb, dataset.records, tokenizer,

@@ -26,13 +26,14 @@ import os
 import numpy as np
 
 from . import checkpoint, model, optim
+from .model import EXPERT_MODES
 from ._checks import check_choice, check_float, check_int
 from .scenes import grammar_words, max_caption_words
 from .tokenizer import Tokenizer
 from .world import make_splits
 
 RUN_FORMAT = "minivlmoe-run"
-RUN_VERSION = 1
+RUN_VERSION = 2                  # 2: the params key log_temp became log_logit_scale
 CKPT_NAME = "ckpt.npz"
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
@@ -126,7 +127,6 @@ PRESETS = {
               dict(steps=6000, batch_size=96, lr=1.5e-3, warmup_steps=200, eval_every=1000,
                    n_train=16384, n_test=1024, max_objects=3)),
 }
-EXPERT_MODES = ("modality", "shared", "dense")
 
 
 def preset_configs(name="default", *, experts=None, dtype=None, **train_overrides):
@@ -175,6 +175,10 @@ def parse_run_config(d):
     """
     if not isinstance(d, dict) or d.get("format") != RUN_FORMAT:
         raise ValueError(f"not a minivlmoe run config (format {RUN_FORMAT!r} expected)")
+    if d.get("version") == 1:
+        raise ValueError(f"run format version 1 is not supported: this minivlmoe reads "
+                         f"version {RUN_VERSION} (log_temp was renamed log_logit_scale); "
+                         f"retrain the run")
     if d.get("version") != RUN_VERSION:
         raise ValueError(f"unknown run config version {d.get('version')!r} "
                          f"(this minivlmoe reads version {RUN_VERSION})")

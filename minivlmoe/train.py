@@ -35,7 +35,6 @@ text tokens per pair.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import json
 import math
@@ -52,6 +51,7 @@ from .data import minibatch_indices
 from .runs import (CKPT_NAME, CONFIG_NAME, METRICS_NAME, TrainConfig, append_jsonl,
                    builtin_tokenizer, load_checkpoint, make_data, run_config,
                    truncate_metrics)
+from .timing import NULL_TIMER
 from .tokenizer import PAD_ID
 
 PROGRESS_EVERY_S = 2.0
@@ -105,38 +105,6 @@ class BatchStream:
         for _ in range(pos // batch_size):                             # replay the epoch
             stream.next()
         return stream
-
-
-# ----------------------------------------------------------------------------- timing
-
-class SectionTimer:
-    """Accumulates wall time per named section: ``with timer.section("attention"): ...``.
-
-    The model calls ``section`` around its parts (attention, routing, experts, losses,
-    embed); the training loop adds "data" and "optimizer".  Nested sections are
-    charged to the innermost one only, so the shares add up.
-    """
-
-    def __init__(self):
-        self.seconds = {}
-        self._stack = []
-
-    @contextlib.contextmanager
-    def section(self, name):
-        now = time.perf_counter()
-        if self._stack:                                  # pause the enclosing section
-            outer, start = self._stack[-1]
-            self.seconds[outer] = self.seconds.get(outer, 0.0) + now - start
-        self._stack.append((name, now))
-        try:
-            yield
-        finally:
-            end = time.perf_counter()
-            _, start = self._stack.pop()
-            self.seconds[name] = self.seconds.get(name, 0.0) + end - start
-            if self._stack:                              # resume the enclosing section
-                outer, _ = self._stack[-1]
-                self._stack[-1] = (outer, end)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -278,7 +246,8 @@ def train(model_cfg, train_cfg, out_dir=None, *, resume=False, stop_at=None,
         interrupted; the schedule still runs to ``train_cfg.steps``.
     progress : a text stream for the progress line, or None for silence.
     preset : the preset's name, recorded in config.json.
-    timer : optional :class:`SectionTimer` (or any object with ``section(name)``).
+    timer : optional :class:`minivlmoe.timing.SectionTimer` (or any object with
+        ``section(name)``).
     decode_eval : include greedy decoding (caption metrics) in the evaluations.
 
     Returns
@@ -326,7 +295,7 @@ def train(model_cfg, train_cfg, out_dir=None, *, resume=False, stop_at=None,
     P = (model_cfg.image_size // model_cfg.patch) ** 2
     bar = _Progress(progress, train_cfg.steps,
                     train_cfg.batch_size * (1 + P + model_cfg.max_text_len))
-    sections = timer if timer is not None else _NullTimer()
+    sections = timer if timer is not None else NULL_TIMER
     history, evaluations = [], []
     last = stop_at if stop_at is not None else train_cfg.steps
     while state.step < last:
@@ -335,7 +304,8 @@ def train(model_cfg, train_cfg, out_dir=None, *, resume=False, stop_at=None,
             batch = images[idx], ids[idx], keys[idx]
         losses, grads, _ = model.loss_and_grads(state.params, model_cfg, batch[0], batch[1],
                                                 pad_id=PAD_ID, keys=batch[2],
-                                                rng=state.model_rng, train=True, timer=timer)
+                                                rng=state.model_rng, train=True,
+                                                timer=sections)
         with sections.section("optimizer"):
             info = optim.step(state.params, grads, state.opt_state, adamw)
         state.step += 1
@@ -363,9 +333,3 @@ def train(model_cfg, train_cfg, out_dir=None, *, resume=False, stop_at=None,
             state.save(ckpt_path, config, elapsed())    # stop_at: a checkpoint to resume
     return TrainResult(state.params, state.opt_state, state.step, history, evaluations,
                        stopped=state.step < train_cfg.steps)
-
-
-class _NullTimer:
-    @contextlib.contextmanager
-    def section(self, name):
-        yield

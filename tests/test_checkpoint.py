@@ -26,7 +26,7 @@ def make_run(seed, dtype=np.float64, index_dtype=np.int32, density=0.5):
     lin["W"].indices = lin["W"].indices.astype(index_dtype)
     lin["W"].indptr = lin["W"].indptr.astype(index_dtype)
     params = {"enc": {"lin": lin}, "head": {"W": rng.standard_normal((3, 4)).astype(dtype)},
-              "log_temp": np.asarray(0.25, dtype=dtype)}
+              "log_logit_scale": np.asarray(0.25, dtype=dtype)}
     state = optim.init_state(params)
     cfg = optim.AdamWConfig(lr=0.01, warmup_steps=1, total_steps=10)
     for _ in range(2):

@@ -66,10 +66,6 @@ def test_no_library_module_outside_the_registry_defines_gradcheck_cases():
         rel = path.relative_to(PACKAGE).as_posix()
         if rel.startswith("testing/"):
             continue
-        # MERGE: the model's cases move to minivlmoe/testing/model.py (helper h1); then
-        # drop this exception.
-        if rel == "model.py":
-            continue
         if _defines(path, lambda name: name == "gradcheck_cases"):
             offenders.append(f"{rel} defines gradcheck_cases")
         if rel != "cli.py" and _imports_the_checker(path):

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minivlmoe.ops import contrastive
-from minivlmoe.ops.contrastive import LOG_TEMP_INIT, duplicate_positives
+from minivlmoe.ops.contrastive import LOG_LOGIT_SCALE_INIT, duplicate_positives
 from minivlmoe.gradcheck import assert_gradients
 from minivlmoe.testing.ops import contrastive_case, unit_rows
 
@@ -16,21 +16,22 @@ from conftest import readonly
 
 
 def make(seed, b, d, dtype=np.float64):
-    """Unit rows and a moderate scale exp(log_temp) in [0.6, 4.5]: with a large scale and
-    B = 2 both softmaxes saturate, every gradient drops below ~1e-4 and the centered
-    difference's round-off (~1e-10) exceeds 1e-6 of it.  Large logits are tested apart."""
+    """Unit rows and a moderate logit scale exp(log_logit_scale) in [0.6, 4.5]: with a
+    large scale and B = 2 both softmaxes saturate, every gradient drops below ~1e-4 and
+    the centered difference's round-off (~1e-10) exceeds 1e-6 of it.  Large logits are
+    tested apart."""
     rng = np.random.default_rng(seed)
     img = unit_rows(rng.standard_normal((b, d))).astype(dtype)
     txt = unit_rows(rng.standard_normal((b, d))).astype(dtype)
-    log_temp = np.array(rng.uniform(-0.5, 1.5), dtype=dtype)
-    return rng, img, txt, log_temp
+    log_logit_scale = np.array(rng.uniform(-0.5, 1.5), dtype=dtype)
+    return rng, img, txt, log_logit_scale
 
 
-def naive_contrastive(img, txt, log_temp, positives=None):
+def naive_contrastive(img, txt, log_logit_scale, positives=None):
     """Explicit loops: per-row and per-column log-sum-exp, uniform targets over positives."""
     b = img.shape[0]
     pos = np.eye(b, dtype=bool) if positives is None else positives
-    s = math.exp(float(log_temp))
+    s = math.exp(float(log_logit_scale))
     logits = [[s * sum(float(img[i, k]) * float(txt[j, k]) for k in range(img.shape[1]))
                for j in range(b)] for i in range(b)]
 
@@ -50,11 +51,11 @@ def naive_contrastive(img, txt, log_temp, positives=None):
     return 0.5 * (i2t / b + t2i / b)
 
 
-def staged_backward(dloss, img, txt, log_temp, positives):
+def staged_backward(dloss, img, txt, log_logit_scale, positives):
     """The backward one primitive per line (docs/ops/contrastive.md)."""
     b = img.shape[0]
     pos = positives.astype(float)
-    s = np.exp(log_temp)
+    s = np.exp(log_logit_scale)
     sim = img @ txt.T
     logits = s * sim
     # loss = 0.5 * (loss_i2t + loss_t2i)
@@ -78,9 +79,9 @@ def staged_backward(dloss, img, txt, log_temp, positives):
     # sim = img @ txt.T
     dimg = dsim @ txt
     dtxt = dsim.T @ img
-    # s = exp(log_temp)
-    dlog_temp = ds * s
-    return dimg, dtxt, dlog_temp
+    # s = exp(log_logit_scale)
+    dlog_logit_scale = ds * s
+    return dimg, dtxt, dlog_logit_scale
 
 
 def keys_strategy(max_b=6):
@@ -94,32 +95,32 @@ def keys_strategy(max_b=6):
 @given(seed=st.integers(0, 2**32 - 1), b=st.integers(1, 6), d=st.integers(2, 5),
        duplicates=st.booleans())
 def test_gradients(seed, b, d, duplicates):
-    rng, img, txt, log_temp = make(seed, b, d)
+    rng, img, txt, log_logit_scale = make(seed, b, d)
     positives = duplicate_positives(rng.integers(0, max(1, b // 2), b)) if duplicates else None
-    assert_gradients(contrastive_case("contrastive", img, txt, log_temp, positives), rng)
+    assert_gradients(contrastive_case("contrastive", img, txt, log_logit_scale, positives), rng)
 
 
 @given(seed=st.integers(0, 2**32 - 1), b=st.integers(2, 5), d=st.integers(2, 4))
 def test_gradients_unnormalized_inputs(seed, b, d):
     # the op does not normalize: any embeddings are valid inputs
-    rng, img, txt, log_temp = make(seed, b, d)
+    rng, img, txt, log_logit_scale = make(seed, b, d)
     img = img * rng.uniform(0.5, 2.0, (b, 1))
-    assert_gradients(contrastive_case("contrastive", img, txt, np.array(log_temp - 1.0)), rng)
+    assert_gradients(contrastive_case("contrastive", img, txt, np.array(log_logit_scale - 1.0)), rng)
 
 
 @given(seed=st.integers(0, 2**32 - 1), keys=keys_strategy(), d=st.integers(1, 4),
        use_positives=st.booleans(), dloss=st.floats(-2.0, 2.0))
 def test_matches_naive_loop_and_staged_backward(seed, keys, d, use_positives, dloss):
     b = len(keys)
-    _, img, txt, log_temp = make(seed, b, d)
+    _, img, txt, log_logit_scale = make(seed, b, d)
     positives = duplicate_positives(np.array(keys)) if use_positives else None
-    loss, cache = contrastive.forward(img, txt, log_temp, positives)
+    loss, cache = contrastive.forward(img, txt, log_logit_scale, positives)
     assert isinstance(loss, float)
-    assert loss == pytest.approx(naive_contrastive(img, txt, log_temp, positives),
+    assert loss == pytest.approx(naive_contrastive(img, txt, log_logit_scale, positives),
                                  rel=1e-12, abs=1e-12)
     pos = np.eye(b, dtype=bool) if positives is None else positives
     grads = contrastive.backward(dloss, cache)
-    for got, want in zip(grads, staged_backward(dloss, img, txt, log_temp, pos)):
+    for got, want in zip(grads, staged_backward(dloss, img, txt, log_logit_scale, pos)):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
     assert grads[2].shape == ()
 
@@ -139,15 +140,15 @@ def test_duplicate_positives():
 
 def test_duplicates_make_identical_captions_interchangeable():
     # captions 0 and 2 are the same text (same embedding)
-    rng, img, txt, log_temp = make(3, 4, 3)
+    rng, img, txt, log_logit_scale = make(3, 4, 3)
     txt[2] = txt[0]
     positives = duplicate_positives(np.array([0, 1, 0, 2]))
-    loss, cache = contrastive.forward(img, txt, log_temp, positives)
+    loss, cache = contrastive.forward(img, txt, log_logit_scale, positives)
     dimg, dtxt, dlt = contrastive.backward(1.0, cache)
     # with positives the two copies get the same gradient ...
     np.testing.assert_allclose(dtxt[0], dtxt[2], rtol=1e-12)
     # ... without, copy 0 is pulled toward image 0 and copy 2 pushed away from it
-    loss_plain, cache_plain = contrastive.forward(img, txt, log_temp)
+    loss_plain, cache_plain = contrastive.forward(img, txt, log_logit_scale)
     dimg_p, dtxt_p, dlt_p = contrastive.backward(1.0, cache_plain)
     assert np.abs(dtxt_p[0] - dtxt_p[2]).max() > 0.1
     # for exactly equal embeddings the loss and the summed gradients agree
@@ -164,7 +165,7 @@ def test_perfect_alignment_and_single_pair():
     assert loss == pytest.approx(math.log1p(3 * math.exp(-10.0)), rel=1e-9)
     # B = 1: one candidate per row, loss exactly 0 and zero gradients
     one = unit_rows(np.array([[1.0, 2.0]]))
-    loss, cache = contrastive.forward(one, one, np.array(LOG_TEMP_INIT))
+    loss, cache = contrastive.forward(one, one, np.array(LOG_LOGIT_SCALE_INIT))
     assert loss == 0.0
     for g in contrastive.backward(1.0, cache):
         assert np.all(g == 0.0)
@@ -174,11 +175,11 @@ def test_perfect_alignment_and_single_pair():
     assert loss == pytest.approx(math.log(5.0), rel=1e-14)
 
 
-def test_log_temp_init_is_clip_and_numpy_scalars_are_accepted():
-    assert isinstance(LOG_TEMP_INIT, float)
-    assert math.exp(LOG_TEMP_INIT) == pytest.approx(1 / 0.07)
-    _, img, txt, log_temp = make(0, 3, 2)
-    shifted = log_temp - 1.0                                     # a NumPy scalar, not an array
+def test_log_logit_scale_init_is_clip_and_numpy_scalars_are_accepted():
+    assert isinstance(LOG_LOGIT_SCALE_INIT, float)
+    assert math.exp(LOG_LOGIT_SCALE_INIT) == pytest.approx(1 / 0.07)
+    _, img, txt, log_logit_scale = make(0, 3, 2)
+    shifted = log_logit_scale - 1.0                              # a NumPy scalar, not an array
     assert not isinstance(shifted, np.ndarray)
     assert contrastive.forward(img, txt, shifted)[0] == contrastive.forward(
         img, txt, np.array(shifted))[0]
@@ -186,11 +187,11 @@ def test_log_temp_init_is_clip_and_numpy_scalars_are_accepted():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_large_logits_finite(dtype):
-    # log_temp = log(1e4) with unit rows: logits of magnitude up to 1e4
+    # log_logit_scale = log(1e4) with unit rows: logits of magnitude up to 1e4
     rng, img, txt, _ = make(5, 6, 3, dtype)
-    log_temp = np.array(np.log(1e4), dtype=dtype)
+    log_logit_scale = np.array(np.log(1e4), dtype=dtype)
     for positives in (None, duplicate_positives(np.array([0, 1, 0, 2, 3, 3]))):
-        loss, cache = contrastive.forward(img, txt, log_temp, positives)
+        loss, cache = contrastive.forward(img, txt, log_logit_scale, positives)
         grads = contrastive.backward(1.0, cache)
         assert math.isfinite(loss)
         assert all(np.all(np.isfinite(g)) for g in grads)
@@ -201,25 +202,25 @@ def test_large_logits_finite(dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_dtype_preserved_and_inputs_untouched(dtype):
-    rng, img, txt, log_temp = make(1, 4, 3, dtype)
+    rng, img, txt, log_logit_scale = make(1, 4, 3, dtype)
     positives = readonly(duplicate_positives(np.array([0, 1, 1, 2])))
-    img, txt, log_temp = readonly(img, txt, log_temp)
-    before = [a.copy() for a in (img, txt, log_temp, positives)]
-    loss, cache = contrastive.forward(img, txt, log_temp, positives)
-    dimg, dtxt, dlog_temp = contrastive.backward(np.float64(1.0), cache)
+    img, txt, log_logit_scale = readonly(img, txt, log_logit_scale)
+    before = [a.copy() for a in (img, txt, log_logit_scale, positives)]
+    loss, cache = contrastive.forward(img, txt, log_logit_scale, positives)
+    dimg, dtxt, dlog_logit_scale = contrastive.backward(np.float64(1.0), cache)
     assert isinstance(loss, float)
-    assert dimg.dtype == dtype and dtxt.dtype == dtype and dlog_temp.dtype == dtype
-    assert dimg.shape == img.shape and dtxt.shape == txt.shape and dlog_temp.shape == ()
-    for a, b in zip((img, txt, log_temp, positives), before):
+    assert dimg.dtype == dtype and dtxt.dtype == dtype and dlog_logit_scale.dtype == dtype
+    assert dimg.shape == img.shape and dtxt.shape == txt.shape and dlog_logit_scale.shape == ()
+    for a, b in zip((img, txt, log_logit_scale, positives), before):
         np.testing.assert_array_equal(a, b)
     again = contrastive.backward(1.0, cache)
-    for a, b in zip(again, (dimg, dtxt, dlog_temp)):
+    for a, b in zip(again, (dimg, dtxt, dlog_logit_scale)):
         np.testing.assert_array_equal(a, b)                      # cache not mutated
 
 
 def _good(b=3, d=2):
-    _, img, txt, log_temp = make(0, b, d)
-    return img, txt, log_temp
+    _, img, txt, log_logit_scale = make(0, b, d)
+    return img, txt, log_logit_scale
 
 
 @pytest.mark.parametrize("change, error, match", [
@@ -234,13 +235,14 @@ def _good(b=3, d=2):
     (lambda i, t, l, p: (i, t.astype(np.float32), l, p), TypeError,
      r"txt must have the dtype of img \(float64\), got float32"),
     (lambda i, t, l, p: (i, t, np.array([0.5]), p), ValueError,
-     r"log_temp must have 0 dimensions \(\), got shape \(1,\)"),
-    (lambda i, t, l, p: (i, t, 0.5, p), TypeError, "log_temp must be a numpy.ndarray, got float"),
+     r"log_logit_scale must have 0 dimensions \(\), got shape \(1,\)"),
+    (lambda i, t, l, p: (i, t, 0.5, p), TypeError,
+     "log_logit_scale must be a numpy.ndarray, got float"),
     (lambda i, t, l, p: (i, t, l.astype(np.float32), p), TypeError,
-     r"log_temp must have the dtype of img"),
-    (lambda i, t, l, p: (i, t, np.array(np.inf), p), ValueError, "log_temp must be finite"),
+     r"log_logit_scale must have the dtype of img"),
+    (lambda i, t, l, p: (i, t, np.array(np.inf), p), ValueError, "log_logit_scale must be finite"),
     (lambda i, t, l, p: (i, t, np.array(800.0), p), ValueError,
-     r"log_temp must be at most log\(max float64\) = 709.78 .* got 800.0"),
+     r"log_logit_scale must be at most log\(max float64\) = 709.78 .* got 800.0"),
     (lambda i, t, l, p: (np.where(i > 0, np.nan, i), t, l, p), ValueError, "img must be finite"),
     (lambda i, t, l, p: (i, t, l, np.eye(2, dtype=bool)), ValueError,
      r"positives must have shape \(B, B\) = \(3, 3\), got \(2, 2\)"),
@@ -252,7 +254,7 @@ def _good(b=3, d=2):
      r"positives must have a True diagonal .* got False at \(0, 0\)"),
 ])
 def test_bad_input(change, error, match):
-    img, txt, log_temp = _good()
-    args = change(img, txt, log_temp, None)
+    img, txt, log_logit_scale = _good()
+    args = change(img, txt, log_logit_scale, None)
     with pytest.raises(error, match=match):
         contrastive.forward(*args)

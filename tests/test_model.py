@@ -1,4 +1,5 @@
-"""Tests of the whole vision-language MoE model (minivlmoe/model.py)."""
+"""Tests of the whole vision-language MoE model: minivlmoe/model.py and the sequence,
+tower and inference modules it is built from."""
 
 import json
 import math
@@ -9,9 +10,10 @@ import scipy.sparse as sp
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from minivlmoe import model, optim
+from minivlmoe import inference, model, optim, sequence, tower
 from minivlmoe.gradcheck import assert_gradients
-from minivlmoe.tree import flatten, unflatten
+from minivlmoe.testing.model import directional_case, tiny_batch, tiny_config, tiny_params
+from minivlmoe.tree import flatten, unflatten, with_values
 
 MODES = model.EXPERT_MODES
 OBJECTIVES = {"both": {}, "retrieval": {"caption_weight": 0.0},
@@ -20,10 +22,10 @@ PAD, BOS, EOS = 0, 1, 2
 
 
 def setup(seed, mode="shared", B=3, **overrides):
-    cfg = model.tiny_config(mode, **overrides)
+    cfg = tiny_config(mode, **overrides)
     rng = np.random.default_rng(seed)
-    params = model.tiny_params(rng, cfg)
-    images, ids = model.tiny_batch(rng, cfg, B=B, pad_id=PAD)
+    params = tiny_params(rng, cfg)
+    images, ids = tiny_batch(rng, cfg, B=B, pad_id=PAD)
     return cfg, params, images, ids, rng
 
 
@@ -45,8 +47,8 @@ def check_model_gradients(seed, mode, objective, top_k=1, B=3, drawn=True):
         assume(far_from_ties)
     else:
         assert far_from_ties, f"seed {seed} puts a routing decision within 1e-4 of a tie"
-    case = model.directional_case(f"model({mode}, {objective}, k={top_k})", params, cfg,
-                                  images, ids, pad_id=PAD, keys=keys, rng=rng)
+    case = directional_case(f"model({mode}, {objective}, k={top_k})", params, cfg,
+                            images, ids, pad_id=PAD, keys=keys, rng=rng)
     assert_gradients(case, rng)
 
 
@@ -68,9 +70,7 @@ def _loss_at(params, flat_dirs, t, cfg, images, ids, keys):
     for path, leaf in flatten(params).items():
         v = flat_dirs[path]
         if isinstance(leaf, sp.csr_array):
-            w = sp.csr_array((leaf.data + t * v, leaf.indices, leaf.indptr), shape=leaf.shape)
-            w.has_canonical_format = True
-            moved[path] = w
+            moved[path] = with_values(leaf, leaf.data + t * v)
         else:
             moved[path] = np.asarray(leaf + t * v)
     return model.losses_only(unflatten(moved), cfg, images, ids, pad_id=PAD,
@@ -79,7 +79,7 @@ def _loss_at(params, flat_dirs, t, cfg, images, ids, keys):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_gradient_along_one_global_direction(mode):
-    """Independent of model.directional_case: one random direction through every leaf
+    """Independent of directional_case: one random direction through every leaf
     at once (including the key biases), against a centered difference."""
     cfg, params, images, ids, rng = setup(7, mode, top_k=2)       # k = E: no routing ties
     keys = np.array([0, 1, 0])
@@ -121,7 +121,7 @@ def test_grads_have_the_params_structure(mode, objective):
         assert g.dtype == w.dtype and g.shape == w.shape, path
         if isinstance(w, sp.csr_array):
             assert np.array_equal(g.indices, w.indices) and np.array_equal(g.indptr, w.indptr)
-    unused = {"retrieval": ["lm_head"], "fusion": ["img_proj", "txt_proj", "log_temp"],
+    unused = {"retrieval": ["lm_head"], "fusion": ["img_proj", "txt_proj", "log_logit_scale"],
               "both": []}[objective]
     for name in unused:                                            # untouched heads: exact 0
         for leaf in flatten(grads[name]).values():
@@ -144,7 +144,7 @@ def test_layer_kinds_match_active_compute():
 
 def test_moe_params_per_mode():
     for mode in MODES:
-        cfg = model.tiny_config(mode)
+        cfg = tiny_config(mode)
         params = model.init(np.random.default_rng(0), cfg)
         block = params["blocks"]["0"]
         if mode == "dense":
@@ -169,8 +169,8 @@ def test_float32_in_float32_out():
     losses, grads, stats = model.loss_and_grads(params, cfg, images, ids, pad_id=PAD)
     assert all(isinstance(v, float) and np.isfinite(v) for v in losses.values())
     assert all((g.dtype == np.float32) for g in flatten(grads).values())
-    assert model.encode_images(params, cfg, images).dtype == np.float32
-    assert model.encode_texts(params, cfg, ids, pad_id=PAD).dtype == np.float32
+    assert inference.encode_images(params, cfg, images).dtype == np.float32
+    assert inference.encode_texts(params, cfg, ids, pad_id=PAD).dtype == np.float32
 
 
 def test_losses_sum_to_total_and_stats_are_json():
@@ -184,6 +184,39 @@ def test_losses_sum_to_total_and_stats_are_json():
     usage = np.array(layer["pools"]["shared"]["usage"])            # (2, E) image / text
     assert usage.sum() == stats["tokens"] * cfg.top_k              # dropless: all kept
     assert layer["dropped_fraction"] == 0.0
+
+
+def test_stats_report_the_temperature_and_the_logit_scale():
+    """log_logit_scale is the log of the INVERSE temperature: 0.07 and 1/0.07 at init."""
+    cfg = tiny_config("shared")
+    rng = np.random.default_rng(14)
+    params = model.init(rng, cfg)
+    images, ids = tiny_batch(rng, cfg, pad_id=PAD)
+    _, stats, _ = model.forward(params, cfg, images, ids, pad_id=PAD)
+    assert stats["temperature"] == pytest.approx(0.07, rel=1e-12)
+    assert stats["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-12)
+    params["log_logit_scale"] = np.array(np.log(20.0))
+    _, stats, cache = model.forward(params, cfg, images, ids, pad_id=PAD)
+    assert stats["temperature"] == pytest.approx(0.05, rel=1e-12)
+    assert float(cache.contrastive.logit_scale) == pytest.approx(20.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_backward_scales_with_dtotal(mode):
+    """backward(dtotal, cache) is the gradient of dtotal * total: the objectives and the
+    aux losses all scale with it, and loss_and_grads is backward(1.0, cache)."""
+    cfg, params, images, ids, _ = setup(15, mode)
+    losses, grads, _ = model.loss_and_grads(params, cfg, images, ids, pad_id=PAD)
+    _, _, cache = model.forward(params, cfg, images, ids, pad_id=PAD)
+    one, scaled = flatten(model.backward(1.0, cache)), flatten(model.backward(-2.5, cache))
+    assert losses["aux"] > 0 or mode == "dense"
+    values = lambda x: x.data if isinstance(x, sp.csr_array) else x  # noqa: E731
+    scale = max(float(np.max(np.abs(values(g)), initial=0.0)) for g in one.values())
+    for path, g in flatten(grads).items():
+        np.testing.assert_array_equal(values(g), values(one[path]), err_msg=path)
+        # round-off of the (exactly zero) key-bias gradient: an absolute floor
+        np.testing.assert_allclose(values(scaled[path]), -2.5 * values(one[path]),
+                                   rtol=1e-12, atol=1e-13 * scale, err_msg=path)
 
 
 def test_capacity_drops_are_reported():
@@ -202,10 +235,10 @@ def test_dual_encoder_equals_separate_towers(mode):
     texts alone through the tower (dropless routing is per token)."""
     cfg, params, images, ids, _ = setup(5, mode, B=4)
     _, _, cache = model.forward(params, cfg, images, ids, pad_id=PAD)
-    np.testing.assert_allclose(cache.img_norm.y, model.encode_images(params, cfg, images),
+    np.testing.assert_allclose(cache.img_norm.y, inference.encode_images(params, cfg, images),
                                atol=1e-12)
     np.testing.assert_allclose(cache.txt_norm.y,
-                               model.encode_texts(params, cfg, ids, pad_id=PAD), atol=1e-12)
+                               inference.encode_texts(params, cfg, ids, pad_id=PAD), atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -215,15 +248,15 @@ def test_fusion_mask_semantics(mode):
     cfg, params, images, ids, rng = setup(6, mode, B=2, max_text_len=6)
     ids = np.array([[BOS, 3, 4, 5, 6, EOS], [BOS, 5, 5, EOS, PAD, PAD]])
     P1 = 1 + cfg.num_patches
-    x, mask, modality, rows, *_ = model.embed_sequence(params, cfg, images, ids[:, :-1],
-                                                       ids, PAD)
-    h0 = model.tower_forward(x, mask, modality, rows, params, cfg)[0]
+    seq, _ = sequence.embed(params, cfg, images, ids[:, :-1], ids, PAD)
+    x, mask, modality, rows = seq.x, seq.mask, seq.modality, seq.rows
+    h0, _, _, _ = tower.forward(x, mask, modality, rows, params, cfg)
     cap = slice(P1, P1 + 5)
     ret = slice(P1 + 5, None)
     # perturb caption input position 2
     x1 = x.copy()
     x1[:, P1 + 2] += rng.standard_normal(cfg.width)
-    h1 = model.tower_forward(x1, mask, modality, rows, params, cfg)[0]
+    h1, _, _, _ = tower.forward(x1, mask, modality, rows, params, cfg)
     changed = np.any(np.abs(h1 - h0) > 1e-12, axis=2)              # (B, S)
     assert not changed[:, :P1].any()                               # image rows
     assert not changed[:, P1:P1 + 2].any()                         # earlier caption rows
@@ -232,14 +265,14 @@ def test_fusion_mask_semantics(mode):
     # perturb one image patch token
     x2 = x.copy()
     x2[:, 3] += rng.standard_normal(cfg.width)
-    h2 = model.tower_forward(x2, mask, modality, rows, params, cfg)[0]
+    h2, _, _, _ = tower.forward(x2, mask, modality, rows, params, cfg)
     changed = np.any(np.abs(h2 - h0) > 1e-12, axis=2)
     assert changed[:, :P1].all() and changed[0, cap].all()
     assert not changed[:, ret].any()
     # the padding keys of item 1 are never seen by a valid row
     x3 = x.copy()
     x3[1, -2:] += 5.0                                              # retrieval pads
-    h3 = model.tower_forward(x3, mask, modality, rows, params, cfg)[0]
+    h3, _, _, _ = tower.forward(x3, mask, modality, rows, params, cfg)
     changed = np.any(np.abs(h3 - h0) > 1e-12, axis=2)
     assert not changed[1, :-2].any()
 
@@ -248,7 +281,7 @@ def test_block_mask_against_a_loop():
     seg = np.repeat([0, 1, 2], [3, 4, 3])
     pos = np.concatenate([np.arange(3), np.arange(4), np.arange(3)])
     valid = np.random.default_rng(0).random((2, 10)) > 0.3
-    mask = model._block_mask(seg, pos, valid)
+    mask = sequence.block_mask(seg, pos, valid)
     for b in range(2):
         for s in range(10):
             for t in range(10):
@@ -263,7 +296,7 @@ def test_block_mask_against_a_loop():
 
 # ---- naive loop reference of the dense tower
 
-def naive_layernorm(v, p, eps=model.LN_EPS):
+def naive_layernorm(v, p, eps=tower.LN_EPS):
     mu = sum(v) / len(v)
     var = sum((a - mu) ** 2 for a in v) / len(v)
     return np.array([(a - mu) / math.sqrt(var + eps) * g + bb
@@ -309,7 +342,7 @@ def naive_block(x, mask, p, heads):
 
 
 def test_dense_tower_equals_naive_loops():
-    cfg = model.tiny_config("dense", layers=1, width=6, heads=3, density=0.5)
+    cfg = tiny_config("dense", layers=1, width=6, heads=3, density=0.5)
     rng = np.random.default_rng(8)
     params = model.init(rng, cfg)
     for leaf in flatten(params).values():                          # non-trivial LN and biases
@@ -318,9 +351,9 @@ def test_dense_tower_equals_naive_loops():
     x = rng.standard_normal((2, 5, 6))
     seg = np.repeat([0, 1], [2, 3])
     pos = np.concatenate([np.arange(2), np.arange(3)])
-    mask = model._block_mask(seg, pos, np.ones((2, 5), dtype=bool))
+    mask = sequence.block_mask(seg, pos, np.ones((2, 5), dtype=bool))
     modality = np.repeat((seg != 0)[None], 2, axis=0).reshape(-1).astype(np.int64)
-    h, aux, _, _ = model.tower_forward(x, mask, modality, None, params, cfg)
+    h, aux, _, _ = tower.forward(x, mask, modality, None, params, cfg)
     ref = naive_block(x, mask, params["blocks"]["0"], cfg.heads)
     ref = np.array([[naive_layernorm(ref[b, s], params["ln_f"]) for s in range(5)]
                     for b in range(2)])
@@ -333,8 +366,8 @@ def test_dense_tower_equals_naive_loops():
 @pytest.mark.parametrize("mode", MODES)
 def test_greedy_decode_is_batched_and_well_formed(mode):
     cfg, params, images, _, _ = setup(9, mode, B=4)
-    out = model.greedy_decode(params, cfg, images, bos_id=BOS, eos_id=EOS, pad_id=PAD,
-                              max_len=5)
+    out = inference.greedy_decode(params, cfg, images, bos_id=BOS, eos_id=EOS, pad_id=PAD,
+                                  max_len=5)
     assert out.shape == (4, 5) and np.all(out[:, 0] == BOS)
     for row in out:
         body = list(row[1:])
@@ -342,19 +375,32 @@ def test_greedy_decode_is_batched_and_well_formed(mode):
         assert PAD not in body[:end] and BOS not in body[:end]
         assert all(t == PAD for t in body[end + 1:])
     for b in range(4):                                             # each item alone
-        one = model.greedy_decode(params, cfg, images[b:b + 1], bos_id=BOS, eos_id=EOS,
-                                  pad_id=PAD, max_len=5)
+        one = inference.greedy_decode(params, cfg, images[b:b + 1], bos_id=BOS, eos_id=EOS,
+                                      pad_id=PAD, max_len=5)
         np.testing.assert_array_equal(one[0], out[b])
 
 
 def test_encodings_are_unit_norm_and_deterministic():
     cfg, params, images, ids, _ = setup(10, "modality", B=5)
-    for emb in (model.encode_images(params, cfg, images),
-                model.encode_texts(params, cfg, ids, pad_id=PAD)):
+    for emb in (inference.encode_images(params, cfg, images),
+                inference.encode_texts(params, cfg, ids, pad_id=PAD)):
         assert emb.shape == (5, cfg.embed_dim)
         np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-12)
-    np.testing.assert_array_equal(model.encode_images(params, cfg, images),
-                                  model.encode_images(params, cfg, images))
+    np.testing.assert_array_equal(inference.encode_images(params, cfg, images),
+                                  inference.encode_images(params, cfg, images))
+
+
+def test_inference_batches_do_not_change_dropless_results():
+    cfg, params, images, ids, _ = setup(16, "modality", B=5)
+    np.testing.assert_allclose(inference.encode_images(params, cfg, images, batch_size=2),
+                               inference.encode_images(params, cfg, images), atol=1e-12)
+    np.testing.assert_allclose(inference.encode_texts(params, cfg, ids, pad_id=PAD, batch_size=3),
+                               inference.encode_texts(params, cfg, ids, pad_id=PAD), atol=1e-12)
+    kw = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=5)
+    np.testing.assert_array_equal(inference.greedy_decode(params, cfg, images, batch_size=2, **kw),
+                                  inference.greedy_decode(params, cfg, images, **kw))
+    with pytest.raises(ValueError, match="batch_size"):
+        inference.encode_images(params, cfg, images, batch_size=0)
 
 
 def test_router_noise_uses_only_the_given_rng():
@@ -395,7 +441,7 @@ def test_overfits_eight_pairs(mode):
                             moe_every=1, embed_dim=16)
     rng = np.random.default_rng(0)
     params = model.init(rng, cfg)
-    images, ids = model.tiny_batch(rng, cfg, B=8, pad_id=PAD)
+    images, ids = tiny_batch(rng, cfg, B=8, pad_id=PAD)
     ocfg = optim.AdamWConfig(lr=1e-2, warmup_steps=5, total_steps=60, weight_decay=0.0)
     state = optim.init_state(params)
     task = []
@@ -457,5 +503,5 @@ def test_bad_batch_inputs():
     with pytest.raises(TypeError, match="cfg must be a ModelConfig"):
         call(params, {"width": 8}, images, ids, pad_id=PAD)
     with pytest.raises(ValueError, match="max_len"):
-        model.greedy_decode(params, cfg, images, bos_id=BOS, eos_id=EOS, pad_id=PAD,
-                            max_len=cfg.max_text_len + 1)
+        inference.greedy_decode(params, cfg, images, bos_id=BOS, eos_id=EOS, pad_id=PAD,
+                                max_len=cfg.max_text_len + 1)

@@ -27,7 +27,7 @@ def make_tree(rng, d_in, d_out, density, dtype):
         "embed": {"tok": rng.standard_normal((4, d_in)).astype(dtype),
                   "pos": rng.standard_normal((3, d_in)).astype(dtype)},
         "ln": {"gamma": np.ones(d_in, dtype), "beta": np.zeros(d_in, dtype)},
-        "log_temp": np.array(0.5, dtype),
+        "log_logit_scale": np.array(0.5, dtype),
     }
 
 
@@ -180,7 +180,7 @@ def test_decay_only_on_documented_leaves(rng):
 @pytest.mark.parametrize("path, decayed", [
     ("blocks.0.attn.qkv.W", True), ("W", True), ("embed.tok", True), ("moe.experts.3.W", True),
     ("blocks.0.attn.qkv.b", False), ("ln1.gamma", False), ("ln1.beta", False),
-    ("embed.cls", False), ("embed.pos", False), ("log_temp", False), ("tok.pos", False),
+    ("embed.cls", False), ("embed.pos", False), ("log_logit_scale", False), ("tok.pos", False),
     ("Wq", False)])
 def test_decays_rule(path, decayed):
     assert optim.decays(path) is decayed

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from minivlmoe import checkpoint, evaluate, metrics, runs, train
+from minivlmoe import checkpoint, evaluate, metrics, runs, timing, train
 from minivlmoe.scenes import parse_caption
 
 
@@ -90,8 +90,8 @@ def test_batch_stream_refuses_a_position_between_batches():
 
 def test_section_timer_charges_innermost_section(monkeypatch):
     clock = iter([0.0, 2.0, 5.0, 6.0])                 # outer in, inner in, inner out, outer out
-    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
-    timer = train.SectionTimer()
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    timer = timing.SectionTimer()
     with timer.section("outer"):
         with timer.section("inner"):
             pass

@@ -4,9 +4,9 @@ Math
 ----
 For a batch of B image embeddings ``img`` (B, D), B caption embeddings ``txt`` (B, D)
 (usually already L2-normalized by the caller: this op does not normalize) and a
-learnable log-temperature ``log_temp`` (a 0-d array)::
+learnable log logit scale ``log_logit_scale`` (a 0-d array; CLIP's ``logit_scale``)::
 
-    s      = exp(log_temp)                      the inverse temperature, a scalar
+    s      = exp(log_logit_scale)               the logit scale = 1 / temperature
     sim    = img @ txt.T                        (B, B) cosine similarities if normalized
     logits = s * sim                            (B, B) row i: image i against every caption
 
@@ -37,11 +37,11 @@ softmax of ``logits``::
     dlogits  = dloss / (2B) * ((Pr - Qr) + (Pc - Qc))        (B, B)
     dsim     = s * dlogits
     dimg     = dsim @ txt,   dtxt = dsim.T @ img
-    dlog_temp = s * sum(dlogits * sim)                        (chain through s = exp)
+    dlog_logit_scale = s * sum(dlogits * sim)                 (chain through s = exp)
 
-No clamp is applied to ``log_temp`` inside the op (CLIP clamps the temperature at 100
-in its optimizer step); clamping is the trainer's choice.  Initialize it with
-:data:`LOG_TEMP_INIT`.
+No clamp is applied to ``log_logit_scale`` inside the op (CLIP clamps the logit scale
+at 100 in its optimizer step); clamping is the trainer's choice.  Initialize it with
+:data:`LOG_LOGIT_SCALE_INIT`.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ import numpy as np
 from .._checks import check_array, check_same_dtype
 from .softmax import logsumexp
 
-LOG_TEMP_INIT = float(np.log(1.0 / 0.07))  # CLIP's initial temperature 0.07: s = 14.29
+LOG_LOGIT_SCALE_INIT = float(np.log(1.0 / 0.07))  # CLIP's initial temperature 0.07: s = 14.29
 
 
 def duplicate_positives(keys):
@@ -82,8 +82,8 @@ class Cache(NamedTuple):
     Fields
     ------
     img, txt : (B, D) the inputs (references, not copies).
-    sim : (B, B) ``img @ txt.T``; the gradient of ``log_temp`` needs it.
-    scale : () ``exp(log_temp)``.
+    sim : (B, B) ``img @ txt.T``; the gradient of ``log_logit_scale`` needs it.
+    logit_scale : () ``exp(log_logit_scale)``, the inverse temperature.
     dlogits_unit : (B, B) ``((Pr - Qr) + (Pc - Qc)) / (2B)``, the gradient of the loss
         with respect to the logits for ``dloss = 1``; everything else is a product.
     """
@@ -91,11 +91,11 @@ class Cache(NamedTuple):
     img: np.ndarray
     txt: np.ndarray
     sim: np.ndarray
-    scale: np.ndarray
+    logit_scale: np.ndarray
     dlogits_unit: np.ndarray
 
 
-def _check_inputs(img, txt, log_temp, positives):
+def _check_inputs(img, txt, log_logit_scale, positives):
     check_array("img", img, ndim=2, axes="(B, D)")
     check_array("txt", txt, ndim=2, axes="(B, D)")
     if txt.shape != img.shape:
@@ -103,17 +103,17 @@ def _check_inputs(img, txt, log_temp, positives):
     if img.shape[0] < 1:
         raise ValueError(f"img must hold at least one pair (B >= 1), got shape {img.shape}")
     check_same_dtype("txt", txt, "img", img)
-    if isinstance(log_temp, np.floating):                        # e.g. the result of lt - 1.0
-        log_temp = np.asarray(log_temp)
-    check_array("log_temp", log_temp, ndim=0, axes="()")
-    check_same_dtype("log_temp", log_temp, "img", img)
+    if isinstance(log_logit_scale, np.floating):                 # e.g. the result of ls - 1.0
+        log_logit_scale = np.asarray(log_logit_scale)
+    check_array("log_logit_scale", log_logit_scale, ndim=0, axes="()")
+    check_same_dtype("log_logit_scale", log_logit_scale, "img", img)
     limit = float(np.log(np.finfo(img.dtype).max))
-    if log_temp > limit:
-        raise ValueError(f"log_temp must be at most log(max {img.dtype}) = {limit:.2f} so that "
-                         f"exp(log_temp) is finite, got {float(log_temp)}")
+    if log_logit_scale > limit:
+        raise ValueError(f"log_logit_scale must be at most log(max {img.dtype}) = {limit:.2f} "
+                         f"so that exp(log_logit_scale) is finite, got {float(log_logit_scale)}")
     n = img.shape[0]
     if positives is None:
-        return log_temp, np.eye(n, dtype=bool)                   # (B, B)
+        return log_logit_scale, np.eye(n, dtype=bool)            # (B, B)
     check_array("positives", positives, ndim=2, axes="(B, B)", dtype_kind="b")
     if positives.shape != (n, n):
         raise ValueError(f"positives must have shape (B, B) = ({n}, {n}), got {positives.shape}")
@@ -121,18 +121,18 @@ def _check_inputs(img, txt, log_temp, positives):
         missing = int(np.flatnonzero(~np.diagonal(positives))[0])
         raise ValueError(f"positives must have a True diagonal (pair i is its own positive), "
                          f"got False at ({missing}, {missing})")
-    return log_temp, positives
+    return log_logit_scale, positives
 
 
-def forward(img, txt, log_temp, positives=None):
+def forward(img, txt, log_logit_scale, positives=None):
     """Symmetric InfoNCE loss of paired image and caption embeddings.
 
     Parameters
     ----------
     img : (B, D) float32/float64 image embeddings (normalized by the caller).
     txt : (B, D) caption embeddings, same dtype.
-    log_temp : () array (or NumPy float scalar), same dtype; the logits are scaled by
-        ``exp(log_temp)``.
+    log_logit_scale : () array (or NumPy float scalar), same dtype; the logits are
+        scaled by ``exp(log_logit_scale)``, the inverse temperature.
     positives : (B, B) bool with a True diagonal, or None for the identity.
 
     Returns
@@ -140,13 +140,13 @@ def forward(img, txt, log_temp, positives=None):
     loss : float, ``(loss_i2t + loss_t2i) / 2``.
     cache : Cache
     """
-    log_temp, positives = _check_inputs(img, txt, log_temp, positives)
+    log_logit_scale, positives = _check_inputs(img, txt, log_logit_scale, positives)
     n = img.shape[0]
     dtype = img.dtype
     pos = positives.astype(dtype)                                # (B, B) 0/1
     q_row = pos / pos.sum(axis=1, keepdims=True)                 # (B, B) rows sum to 1
     q_col = pos / pos.sum(axis=0, keepdims=True)                 # (B, B) columns sum to 1
-    scale = np.exp(log_temp)                                     # ()
+    scale = np.exp(log_logit_scale)                              # ()
     sim = img @ txt.T                                            # (B, B)
     logits = scale * sim                                         # (B, B)
     lse_row = logsumexp(logits, axis=1, keepdims=True)           # (B, 1) image -> text
@@ -157,7 +157,8 @@ def forward(img, txt, log_temp, positives=None):
     p_row = np.exp(logits - lse_row)                             # (B, B) row softmax
     p_col = np.exp(logits - lse_col)                             # (B, B) column softmax
     dlogits_unit = ((p_row - q_row) + (p_col - q_col)) / (2 * n)  # (B, B)
-    return loss, Cache(img, txt, sim, scale, dlogits_unit)
+    return loss, Cache(img=img, txt=txt, sim=sim, logit_scale=scale,
+                       dlogits_unit=dlogits_unit)
 
 
 def backward(dloss, cache):
@@ -172,7 +173,7 @@ def backward(dloss, cache):
     -------
     dimg : (B, D)
     dtxt : (B, D)
-    dlog_temp : () array
+    dlog_logit_scale : () array
     """
     img, txt, sim, scale, dlogits_unit = cache
     dtype = img.dtype
@@ -183,6 +184,6 @@ def backward(dloss, cache):
     # sim = img @ txt.T
     dimg = dsim @ txt                                            # (B, D)
     dtxt = dsim.T @ img                                          # (B, D)
-    # scale = exp(log_temp)  ->  d log_temp = dscale * scale
-    dlog_temp = np.asarray(dscale * scale, dtype=dtype)          # ()
-    return dimg.astype(dtype, copy=False), dtxt.astype(dtype, copy=False), dlog_temp
+    # scale = exp(log_logit_scale)  ->  d log_logit_scale = dscale * scale
+    dlog_logit_scale = np.asarray(dscale * scale, dtype=dtype)   # ()
+    return dimg.astype(dtype, copy=False), dtxt.astype(dtype, copy=False), dlog_logit_scale

@@ -13,15 +13,12 @@ ordered list that the report and the tests iterate: ``(library module, cases(rng
 
 from __future__ import annotations
 
-from . import moe, ops
-# MERGE: the model's cases move to minivlmoe/testing/model.py (helper h1); switch this
-# import to ``from . import model`` and the entry below to ``model.gradcheck_cases``.
-from .. import model as _model_cases
+from . import model, moe, ops
 
 GROUPS = [
     *ops.GROUPS,
     *moe.GROUPS,
-    ("model", _model_cases.gradcheck_cases),
+    ("model", model.gradcheck_cases),
 ]
 
 

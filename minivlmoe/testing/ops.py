@@ -149,13 +149,13 @@ def unit_rows(a):
     return a / np.linalg.norm(a, axis=1, keepdims=True)
 
 
-def contrastive_case(name, img, txt, log_temp, positives=None):
-    """InfoNCE of ``img``, ``txt`` (B, D) and ``log_temp`` (); the boolean ``positives``
+def contrastive_case(name, img, txt, log_logit_scale, positives=None):
+    """InfoNCE of ``img``, ``txt`` (B, D) and ``log_logit_scale`` (); the boolean ``positives``
     (B, B) (from :func:`minivlmoe.ops.contrastive.duplicate_positives`) is held fixed."""
     return GradcheckCase(
-        name, {"img": img, "txt": txt, "log_temp": log_temp},
-        lambda a: contrastive.forward(a["img"], a["txt"], a["log_temp"], positives),
-        _named(("img", "txt", "log_temp"), contrastive.backward))
+        name, {"img": img, "txt": txt, "log_logit_scale": log_logit_scale},
+        lambda a: contrastive.forward(a["img"], a["txt"], a["log_logit_scale"], positives),
+        _named(("img", "txt", "log_logit_scale"), contrastive.backward))
 
 
 def contrastive_cases(rng):
@@ -164,7 +164,7 @@ def contrastive_cases(rng):
         b = 4
         return contrastive_case(name, unit_rows(rng.standard_normal((b, 3))),
                                 unit_rows(rng.standard_normal((b, 3))),
-                                np.array(contrastive.LOG_TEMP_INIT - 1.0), positives)
+                                np.array(contrastive.LOG_LOGIT_SCALE_INIT - 1.0), positives)
 
     return [case("contrastive", None),
             case("contrastive(duplicates)",
