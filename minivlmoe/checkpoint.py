@@ -429,8 +429,9 @@ def load(path, expected_config=None):
         diffs = _config_diff(manifest["config"], expected_config)
         if diffs:
             fail("config does not match expected_config; differing keys: " + "; ".join(diffs))
-    return Checkpoint(trees["params"], trees["opt_state"], manifest["step"],
-                      manifest["config"], manifest["rng_state"], manifest.get("extra"))
+    return Checkpoint(params=trees["params"], opt_state=trees["opt_state"],
+                      step=manifest["step"], config=manifest["config"],
+                      rng_state=manifest["rng_state"], extra=manifest.get("extra"))
 
 
 def restore_rng(rng_state):

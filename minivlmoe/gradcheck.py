@@ -249,11 +249,12 @@ def check_case(case, rng, *, max_full=256, n_sample=48, n_directions=8):
                     max_err, worst = e, ("direction", a_dir, n_dir)
                 checked += 1
         shape = leaf.shape
-        rows.append(GradcheckRow(case.op, path, shape, max_err, checked,
-                                 bool(max_err <= case.tol), worst))
+        rows.append(GradcheckRow(op=case.op, argument=path, shape=shape, max_rel_error=max_err,
+                                 checked=checked, passed=bool(max_err <= case.tol), worst=worst))
     for path, reason in case.skip.items():
-        rows.append(GradcheckRow(case.op, path, leaves[path].shape, 0.0, 0, True,
-                                 ((), 0.0, 0.0), skipped=reason))
+        rows.append(GradcheckRow(op=case.op, argument=path, shape=leaves[path].shape,
+                                 max_rel_error=0.0, checked=0, passed=True,
+                                 worst=((), 0.0, 0.0), skipped=reason))
     return rows
 
 

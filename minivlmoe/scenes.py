@@ -98,7 +98,7 @@ def parse_caption(caption):
         shape = expect(SHAPES, "a shape")
         objects.append((size, color, shape))
         if i == len(words):
-            return Scene(tuple(objects), relation)
+            return Scene(objects=tuple(objects), relation=relation)
         first = expect({"left", "above"}, "the end or a relation")
         rel = "left of" if first == "left" else "above"
         if first == "left":
@@ -134,7 +134,7 @@ class Records(NamedTuple):
         n = int(self.n_objects[i])
         objects = tuple((SIZES[self.size[i, m]], COLORS[self.color[i, m]],
                          SHAPES[self.shape[i, m]]) for m in range(n))
-        return Scene(objects, RELATIONS[self.relation[i]] if n > 1 else None)
+        return Scene(objects=objects, relation=RELATIONS[self.relation[i]] if n > 1 else None)
 
     def subset(self, idx):
         """Records of the images ``idx`` (an index array or slice)."""

@@ -331,5 +331,6 @@ def train(model_cfg, train_cfg, out_dir=None, *, resume=False, stop_at=None,
                 state.save(ckpt_path, config, elapsed())
         elif out_dir is not None and state.step == last:
             state.save(ckpt_path, config, elapsed())    # stop_at: a checkpoint to resume
-    return TrainResult(state.params, state.opt_state, state.step, history, evaluations,
+    return TrainResult(params=state.params, opt_state=state.opt_state, step=state.step,
+                       history=history, evaluations=evaluations,
                        stopped=state.step < train_cfg.steps)

@@ -162,8 +162,9 @@ class World:
         """Train and test splits from two independent streams of ``seed``."""
         seed = check_int("seed", seed, 0)
         train_ss, test_ss = np.random.SeedSequence(seed).spawn(2)
-        return Splits(self.sample(n_train, np.random.default_rng(train_ss), split="train"),
-                      self.sample(n_test, np.random.default_rng(test_ss), split="test"))
+        train = self.sample(n_train, np.random.default_rng(train_ss), split="train")
+        test = self.sample(n_test, np.random.default_rng(test_ss), split="test")
+        return Splits(train=train, test=test)
 
 
 def make_splits(seed=0, n_train=4096, n_test=512, **world_options):

@@ -147,12 +147,12 @@ def load_balance_forward(probs, assign, k=1):
         raise ValueError(f"assign must have exactly k={k} ones per row (top-k indicator), "
                          f"got row sums in [{row_sums.min()}, {row_sums.max()}]")
     if n_tokens == 0:
-        return 0.0, LoadBalanceCache(np.zeros(n_experts, dtype=probs.dtype), 0)
+        return 0.0, LoadBalanceCache(f=np.zeros(n_experts, dtype=probs.dtype), num_tokens=0)
     counts = assign.sum(axis=0, dtype=np.float64)                # (E,) tokens per expert
     f = (counts / (n_tokens * k)).astype(probs.dtype)            # (E,) sums to 1
     P = probs.mean(axis=0)                                       # (E,)
     loss = n_experts * float(f @ P)
-    return loss, LoadBalanceCache(f, n_tokens)
+    return loss, LoadBalanceCache(f=f, num_tokens=n_tokens)
 
 
 def load_balance_backward(dloss, cache):
@@ -197,13 +197,13 @@ def importance_forward(probs):
     n_tokens, n_experts = _check_probs("probs", probs)
     imp = probs.sum(axis=0)                                      # (E,)
     if n_tokens == 0:
-        return 0.0, ImportanceCache(imp, 0)
+        return 0.0, ImportanceCache(imp=imp, num_tokens=0)
     mean = float(imp.mean())
     if not mean > 0:
         raise ValueError("probs must have a positive sum (the importance loss divides by "
                          f"the mean importance), got sum {float(probs.sum())!r}")
     var = float(np.mean((imp - mean) ** 2))
-    return var / mean**2, ImportanceCache(imp, n_tokens)
+    return var / mean**2, ImportanceCache(imp=imp, num_tokens=n_tokens)
 
 
 def importance_backward(dloss, cache):
@@ -294,7 +294,7 @@ def entropy_local_forward(probs):
     log_probs = _safe_log(probs)                                 # (N, E)
     h = -(probs * log_probs).sum(axis=1)                         # (N,) entropy per token
     loss = float(h.mean()) if n_tokens else 0.0
-    return loss, EntropyLocalCache(log_probs)
+    return loss, EntropyLocalCache(log_probs=log_probs)
 
 
 def entropy_local_backward(dloss, cache):
@@ -358,13 +358,15 @@ def entropy_global_forward(probs, tau):
     if not 0.0 <= tau <= log_e * (1 + 1e-12):
         raise ValueError(f"tau must be in [0, log E = {log_e:.6g}] (E={n_experts}), got {tau}")
     if n_tokens == 0:
-        return 0.0, EntropyGlobalCache(np.zeros(n_experts, dtype=probs.dtype), False, 0)
+        return 0.0, EntropyGlobalCache(log_mean=np.zeros(n_experts, dtype=probs.dtype),
+                                       active=False, num_tokens=0)
     pbar = probs.mean(axis=0)                                    # (E,)
     log_mean = _safe_log(pbar)                                   # (E,)
     entropy = -float(pbar @ log_mean)
     gap = tau - entropy
     active = bool(gap > 0)                                       # at the kink: inactive
-    return (gap if active else 0.0), EntropyGlobalCache(log_mean, active, n_tokens)
+    return (gap if active else 0.0), EntropyGlobalCache(log_mean=log_mean, active=active,
+                                                        num_tokens=n_tokens)
 
 
 def entropy_global_backward(dloss, cache):

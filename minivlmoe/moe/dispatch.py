@@ -186,8 +186,9 @@ def make_plan(experts, num_experts, capacity, order):
     entry_src = (tokens * k + by_slot)[sorted_kept]              # (M,) flat index into (N, K)
     indptr = np.zeros(n + 1, dtype=np.int32)                     # (N+1,)
     np.cumsum(kept.sum(axis=1), out=indptr[1:])
-    return Plan(capacity, experts, position, kept, slot, offsets, routed, load,
-                slot_token, slot_rank, indptr, indices, entry_src)
+    return Plan(capacity=capacity, experts=experts, position=position, kept=kept, slot=slot,
+                offsets=offsets, routed=routed, load=load, slot_token=slot_token,
+                slot_rank=slot_rank, indptr=indptr, indices=indices, entry_src=entry_src)
 
 
 def dispatch_matrix(plan, dtype):
@@ -235,7 +236,7 @@ def dispatch_forward(x, plan):
                          f"got shape {x.shape}")
     disp_T = dispatch_matrix_T(plan, x.dtype)                    # (M, N)
     xs = disp_T @ np.ascontiguousarray(x)                        # (M, D)
-    return xs, DispatchCache(plan, x.dtype)
+    return xs, DispatchCache(plan=plan, dtype=x.dtype)
 
 
 def dispatch_backward(dxs, cache):
@@ -277,7 +278,7 @@ def combine_forward(ys, gates, plan):
     comb = combine_matrix(plan, gates)                           # (N, M)
     y = comb @ ys                                                # (N, D)
     slot_gate = gates[plan.slot_token, plan.slot_rank]           # (M,)
-    return y, CombineCache(plan, ys, slot_gate)
+    return y, CombineCache(plan=plan, ys=ys, slot_gate=slot_gate)
 
 
 def combine_backward(dy, cache):

@@ -76,7 +76,7 @@ def forward(xs, offsets, params):
             continue
         ys[lo:hi], cache = ffn.forward(xs[lo:hi], params[name])  # (M_e, D)
         caches.append(cache)
-    return ys, Cache(caches, offsets, params, xs.shape)
+    return ys, Cache(ffn=caches, offsets=offsets, params=params, shape=xs.shape)
 
 
 def backward(dys, cache):

@@ -265,8 +265,10 @@ def _pool_forward(x, params, config, modality, noise):
     if modality is not None:
         usage = np.stack([np.bincount(routing.experts[plan.kept & (modality[:, None] == m)],
                                       minlength=e) for m in (0, 1)])  # (2, E)
-    stats = PoolStats(cap, plan.routed, plan.load, plan.dropped_fraction, usage)
-    return y, losses, stats, PoolCache(r_cache, d_cache, e_cache, c_cache, caches)
+    stats = PoolStats(capacity=cap, routed=plan.routed, load=plan.load,
+                      dropped_fraction=plan.dropped_fraction, usage=usage)
+    return y, losses, stats, PoolCache(router=r_cache, dispatch=d_cache, experts=e_cache,
+                                       combine=c_cache, aux=caches)
 
 
 _AUX_BACKWARD = {"load_balance": aux_losses.load_balance_backward,
@@ -361,7 +363,8 @@ def forward(x, params, config, modality=None, *, rng=None, train=False):
         if x_p.shape[0] == 0:                                    # no token for this pool
             zeros = np.zeros(config.num_experts, dtype=np.int64)  # (E,)
             usage = None if modality is None else np.zeros((2, config.num_experts), np.int64)
-            stats[name] = PoolStats(0, zeros, zeros, 0.0, usage)
+            stats[name] = PoolStats(capacity=0, routed=zeros, load=zeros, dropped_fraction=0.0,
+                                    usage=usage)
             caches.append((name, idx, None, pool))
             continue
         noise = None
@@ -384,7 +387,8 @@ def forward(x, params, config, modality=None, *, rng=None, train=False):
     aux_total = float(sum(config.aux_weights[key] * losses[key] for key in losses))
     kept = sum(int(s.load.sum()) for s in stats.values())
     dropped = 1.0 - kept / max(1, n * config.k)
-    return y, Aux(losses, aux_total, stats, dropped), Cache(config, caches, (n, d), x.dtype)
+    aux = Aux(losses=losses, aux_total=aux_total, stats=stats, dropped_fraction=dropped)
+    return y, aux, Cache(config=config, pools=caches, shape=(n, d), dtype=x.dtype)
 
 
 def backward(dy, cache, daux_total=1.0):

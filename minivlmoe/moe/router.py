@@ -159,8 +159,9 @@ def forward(x, params, k, renormalize=True, noise=None):
     else:
         total = None
         gates = picked                                           # (N, K)
-    routing = Routing(logits, probs, experts, gates)
-    return routing, Cache(lin_cache, sm_cache, experts, gates, total)
+    routing = Routing(logits=logits, probs=probs, experts=experts, gates=gates)
+    return routing, Cache(linear=lin_cache, softmax=sm_cache, experts=experts, gates=gates,
+                          total=total)
 
 
 def backward(dgates, cache, dprobs=None, dlogits=None):

@@ -86,7 +86,7 @@ def forward(logits, targets, ignore_index=-100):
     count = int(keep.sum())
     loss = float(np.sum(nll[keep], dtype=np.float64)) / count if count else 0.0
     probs = np.exp(z - lse[:, None])                             # (N, V) softmax, rows sum to 1
-    return loss, Cache(probs, t, keep, count, logits.shape)
+    return loss, Cache(probs=probs, targets=t, keep=keep, count=count, shape=logits.shape)
 
 
 def backward(dloss, cache):

@@ -71,7 +71,7 @@ def forward(x, params):
     a, c1 = sparse_linear.forward(x, params["fc1"])             # (..., F)
     h, ca = gelu.forward(a)                                      # (..., F)
     y, c2 = sparse_linear.forward(h, params["fc2"])             # (..., D)
-    return y, Cache(c1, ca, c2)
+    return y, Cache(fc1=c1, act=ca, fc2=c2)
 
 
 def backward(dy, cache):

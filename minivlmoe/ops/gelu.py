@@ -58,7 +58,7 @@ def forward(x):
     y *= x1                                                      #      x (1 + tanh u)
     y *= 0.5                                                     #      gelu(x)
     return (y.reshape(x.shape, order=order),                     # (...) back to x's layout
-            Cache(x, t.reshape(x.shape, order=order)))
+            Cache(x=x, t=t.reshape(x.shape, order=order)))
 
 
 def backward(dout, cache):

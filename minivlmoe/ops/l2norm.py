@@ -69,7 +69,7 @@ def forward(x, eps=1e-12):
     normalized = r > eps                                         # (..., 1)
     q = np.where(normalized, r, eps).astype(x.dtype, copy=False)  # (..., 1)
     y = x / q                                                    # (..., D)
-    return y, Cache(y, q, normalized)
+    return y, Cache(y=y, q=q, normalized=normalized)
 
 
 def backward(dy, cache):

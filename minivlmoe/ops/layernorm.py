@@ -84,7 +84,7 @@ def forward(x, params, eps=1e-5):
     rstd = 1.0 / np.sqrt(var + eps)                              # (..., 1)
     xhat = xc * rstd                                             # (..., D)
     y = xhat * gamma + beta                                      # (..., D)
-    return y, Cache(xhat, rstd, gamma)
+    return y, Cache(xhat=xhat, rstd=rstd, gamma=gamma)
 
 
 def backward(dy, cache):

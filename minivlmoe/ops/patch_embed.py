@@ -168,7 +168,7 @@ def forward(images, params, patch):
     tokens[:, 0] = cls                                             # (B, D) broadcast over B
     tokens[:, 1:] = z                                              # (B, P, D)
     tokens += pos                                                  # (B, 1+P, D) broadcast over B
-    return tokens, Cache(lin, patch)
+    return tokens, Cache(lin=lin, patch=patch)
 
 
 def backward(dtokens, cache):

@@ -208,7 +208,8 @@ def forward(x, params):
             yT = W @ xT                                          # (Dout, N) CSR kernel
         yT += b[:, None]                                         # (Dout, N)
         y = yT.T                                                 # (N, Dout) view
-    return y.reshape(*lead, d_out), Cache(saved, W, Wd, groups, lead)   # (..., Dout)
+    cache = Cache(saved=saved, W=W, Wd=Wd, groups=groups, lead=lead)
+    return y.reshape(*lead, d_out), cache                        # (..., Dout)
 
 
 def backward(dy, cache):

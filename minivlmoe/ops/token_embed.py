@@ -90,7 +90,7 @@ def forward(ids, params):
         raise ValueError(f"ids must be in [0, V={V}), got values in "
                          f"[{ids.min()}, {ids.max()}]")
     x = tok[ids] + pos[:T]                                        # (B, T, D) gather + broadcast
-    return x, Cache(ids, V, Tmax)
+    return x, Cache(ids=ids, vocab=V, max_len=Tmax)
 
 
 def backward(dx, cache):
