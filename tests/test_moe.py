@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,6 +12,7 @@ from minivlmoe.moe import aux_losses, experts, moe_layer
 from minivlmoe.gradcheck import assert_gradients
 from minivlmoe.testing.moe import moe_layer_case, naive_pool, separated_inputs
 from minivlmoe.testing.ops import naive_ffn
+from minivlmoe.tree import flatten
 
 SEEDS = st.integers(0, 2**32 - 1)
 ALL_AUX = {name: 0.1 for name in aux_losses.AUX_LOSSES}
@@ -275,6 +277,28 @@ def test_float32_in_float32_out():
     assert y.dtype == dx.dtype == np.float32
     assert grads["text"]["experts"]["e3"]["fc2"]["W"].dtype == np.float32
     assert isinstance(aux.aux_total, float)
+
+
+@pytest.mark.parametrize("mode", ["shared", "modality"])
+def test_float32_with_router_noise_in_training(mode):
+    """Router noise is drawn in float64 and must reach the router in x's dtype: a float32
+    forward and backward with train=True stays float32 and finite."""
+    rng = np.random.default_rng(0)
+    config = moe_layer.MoEConfig(num_experts=4, k=2, mode=mode, noise_std=0.5,
+                                 aux_weights=ALL_AUX)
+    params = moe_layer.init(rng, 6, 8, config)
+    x = rng.standard_normal((10, 6)).astype(np.float32)
+    modality = np.array([0, 1] * 5)
+    y, aux, cache = moe_layer.forward(x, params, config, modality,
+                                      rng=np.random.default_rng(1), train=True)
+    clean, _, _ = moe_layer.forward(x, params, config, modality)
+    assert not np.allclose(y, clean)                             # the noise was applied
+    dx, grads = moe_layer.backward(np.ones_like(y), cache)
+    assert y.dtype == dx.dtype == np.float32
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(dx)) and np.isfinite(aux.aux_total)
+    for path, g in flatten(grads).items():
+        values = g.data if sp.issparse(g) else g
+        assert values.dtype == np.float32 and np.all(np.isfinite(values)), path
 
 
 def test_noise_only_in_training_and_only_from_the_generator():
