@@ -336,6 +336,30 @@ def test_modality_pools_route_each_modality_to_its_own_experts():
     assert aux.stats["image"].load.sum() == 0
 
 
+def test_a_pool_without_tokens_reports_zero_usage():
+    """An idle modality pool reports usage zeros (2, E) like a busy one, never None; a
+    shared pool reports zeros when a modality array was given and None when not."""
+    rng = np.random.default_rng(0)
+    config = moe_layer.MoEConfig(num_experts=3, k=1, mode="modality")
+    params = moe_layer.init(rng, 4, 5, config, dtype=np.float64)
+    x = rng.standard_normal((7, 4))
+    _, aux, _ = moe_layer.forward(x, params, config, np.ones(7, dtype=int))  # no image
+    image, text = aux.stats["image"], aux.stats["text"]
+    assert isinstance(image.usage, np.ndarray) and image.usage.shape == (2, 3)
+    assert image.usage.dtype == text.usage.dtype == np.int64
+    np.testing.assert_array_equal(image.usage, np.zeros((2, 3)))
+    np.testing.assert_array_equal(image.load, np.zeros(3))
+    np.testing.assert_array_equal(text.usage, [[0, 0, 0], text.load])
+    assert text.usage.sum() == 7
+    shared = moe_layer.MoEConfig(num_experts=3, k=1)
+    p_shared = moe_layer.init(rng, 4, 5, shared, dtype=np.float64)
+    _, aux, _ = moe_layer.forward(np.zeros((0, 4)), p_shared, shared, np.zeros(0, dtype=int))
+    np.testing.assert_array_equal(aux.stats["shared"].usage, np.zeros((2, 3)))
+    assert aux.stats["shared"].usage.shape == (2, 3)
+    _, aux, _ = moe_layer.forward(np.zeros((0, 4)), p_shared, shared)
+    assert aux.stats["shared"].usage is None                     # no modality array given
+
+
 def test_shared_mode_splits_entropy_losses_by_modality():
     rng = np.random.default_rng(0)
     config = moe_layer.MoEConfig(num_experts=4, k=1, min_experts=4, capacity_factor=None,
