@@ -8,7 +8,7 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minivlmoe.moe import aux_losses, experts, moe_layer
+from minivlmoe.moe import aux_losses, experts, moe_layer, router
 from minivlmoe.gradcheck import assert_gradients
 from minivlmoe.testing.moe import moe_layer_case, naive_pool, separated_inputs
 from minivlmoe.testing.ops import naive_ffn
@@ -299,6 +299,23 @@ def test_float32_with_router_noise_in_training(mode):
     for path, g in flatten(grads).items():
         values = g.data if sp.issparse(g) else g
         assert values.dtype == np.float32 and np.all(np.isfinite(values)), path
+
+
+def test_training_noise_is_sample_noise_of_noise_std_per_pool():
+    """The layer's router sees ``router.sample_noise(rng, (N_p, E), noise_std)``, drawn
+    pool after pool (image then text) from the one generator."""
+    rng = np.random.default_rng(0)
+    config = moe_layer.MoEConfig(num_experts=4, k=2, noise_std=0.3, mode="modality")
+    params = moe_layer.init(rng, 5, 6, config, dtype=np.float64)
+    x = rng.standard_normal((9, 5))
+    modality = np.array([1, 0, 0, 1, 1, 0, 1, 1, 1])
+    _, _, cache = moe_layer.forward(x, params, config, modality,
+                                    rng=np.random.default_rng(2), train=True)
+    draws = np.random.default_rng(2)
+    for name, idx, pool_cache, _ in cache.pools:
+        noise = router.sample_noise(draws, (len(idx), 4), 0.3, np.float64)
+        want, _ = router.forward(x[idx], params[name]["router"], 2, True, noise)
+        np.testing.assert_array_equal(pool_cache.router.softmax.p, want.probs)
 
 
 def test_noise_only_in_training_and_only_from_the_generator():
