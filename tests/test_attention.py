@@ -360,6 +360,21 @@ def test_bad_mask(rng):
         attention.forward(x, params, 2, np.ones((3, 3)))
 
 
+@pytest.mark.parametrize("S", [1, 2, 5])
+def test_make_mask_defaults_are_padding_only(S):
+    """``make_mask(valid)`` and ``make_mask(S=S)`` with the default ``causal`` and
+    ``prefix``: every query sees every valid key, later ones included."""
+    rng = np.random.default_rng(S)
+    valid = rng.random((3, S)) < 0.6
+    valid[0] = True                                              # one item without padding
+    got = attention.make_mask(valid)
+    np.testing.assert_array_equal(got, attention.make_mask(valid, causal=False, prefix=0))
+    np.testing.assert_array_equal(got, np.broadcast_to(valid[:, None, :], (3, S, S)))
+    np.testing.assert_array_equal(got, naive_make_mask(valid, S, False, 0))
+    assert got[0].all()                                          # query 0 sees key S-1 too
+    np.testing.assert_array_equal(attention.make_mask(S=S), np.ones((1, S, S), dtype=bool))
+
+
 def test_bad_make_mask_arguments():
     with pytest.raises(ValueError, match=r"S must be given when valid is None"):
         attention.make_mask(causal=True)

@@ -320,6 +320,25 @@ def test_load_balance_gradient_is_row_constant_and_ignores_probs():
     assert np.allclose(g1, np.tile(expected, (3, 1)), rtol=1e-15, atol=0)
 
 
+@pytest.mark.parametrize("assign_dtype", [np.float32, np.int8, np.bool_, np.float64])
+def test_load_balance_fraction_is_exact_whatever_the_assign_dtype(assign_dtype):
+    """f = counts / (N K) in probs' dtype (float64) whatever assign's dtype: with N = 7,
+    K = 2 the fractions c / 14 are not float32 numbers, so a float32 f is off by ~1e-8."""
+    rng = np.random.default_rng(0)
+    probs = softmax(rng.standard_normal((7, 5)))                 # (N, E) float64
+    experts = np.argsort(-probs, axis=1)[:, :2]                  # (N, K) distinct
+    assign64 = np.zeros((7, 5))
+    np.put_along_axis(assign64, experts, 1.0, axis=1)            # (N, E) 0/1
+    counts = assign64.sum(axis=0)                                # (E,) exact integers
+    loss, cache = aux.load_balance_forward(probs, assign64.astype(assign_dtype), 2)
+    assert cache.f.dtype == np.float64
+    np.testing.assert_allclose(cache.f, counts / 14, rtol=1e-12, atol=0)
+    assert loss == pytest.approx(naive_load_balance(probs, assign64, 2), rel=1e-12, abs=0)
+    dprobs = aux.load_balance_backward(1.0, cache)
+    assert dprobs.dtype == np.float64
+    np.testing.assert_allclose(dprobs, np.tile(5 * counts / 14 / 7, (7, 1)), rtol=1e-12, atol=0)
+
+
 # ----------------------------------------------------------------------------------------
 # properties: importance
 

@@ -125,6 +125,54 @@ def test_matches_naive_loop_and_staged_backward(seed, keys, d, use_positives, dl
     assert grads[2].shape == ()
 
 
+@st.composite
+def lopsided_positives(draw):
+    """(B, B) bool with a True diagonal and extra positives that make some row's count
+    differ from the same-index column's count (not a union of classes, not symmetric),
+    so swapping the row and column normalizations changes the loss."""
+    b = draw(st.integers(2, 6))
+    extra = np.array(draw(st.lists(st.booleans(), min_size=b * b, max_size=b * b)))
+    pos = np.eye(b, dtype=bool) | extra.reshape(b, b)
+    i, j = draw(st.integers(0, b - 1)), draw(st.integers(0, b - 2))
+    j += j >= i                                                  # j != i
+    pos[i, j], pos[j, i] = True, False                           # one pair in one direction
+    if np.array_equal(pos.sum(axis=1), pos.sum(axis=0)):
+        pos[:, j] = True                                         # column j holds every image
+        pos[j, :] = np.eye(b, dtype=bool)[j]                     # row j only itself (B >= 2)
+    return pos
+
+
+def test_lopsided_positives_example():
+    """Identity plus one extra pair (image 0 with caption 1): loop, op and gradients."""
+    rng, img, txt, log_logit_scale = make(7, 4, 3)
+    pos = np.eye(4, dtype=bool)
+    pos[0, 1] = True                                             # row 0: 2 positives, row 1: 1
+    loss, cache = contrastive.forward(img, txt, log_logit_scale, pos)
+    assert loss == pytest.approx(naive_contrastive(img, txt, log_logit_scale, pos),
+                                 rel=1e-12, abs=1e-12)
+    for got, want in zip(contrastive.backward(1.0, cache),
+                         staged_backward(1.0, img, txt, log_logit_scale, pos)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
+    assert_gradients(contrastive_case("contrastive(identity + (0, 1))", img, txt,
+                                      log_logit_scale, pos), rng)
+
+
+@given(seed=st.integers(0, 2**32 - 1), pos=lopsided_positives(), d=st.integers(2, 4),
+       dloss=st.floats(-2.0, 2.0))
+def test_lopsided_positives_match_naive_loop_and_gradients(seed, pos, d, dloss):
+    assert not np.array_equal(pos.sum(axis=1), pos.sum(axis=0))
+    b = pos.shape[0]
+    rng, img, txt, log_logit_scale = make(seed, b, d)
+    loss, cache = contrastive.forward(img, txt, log_logit_scale, pos)
+    assert loss == pytest.approx(naive_contrastive(img, txt, log_logit_scale, pos),
+                                 rel=1e-12, abs=1e-12)
+    for got, want in zip(contrastive.backward(dloss, cache),
+                         staged_backward(dloss, img, txt, log_logit_scale, pos)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
+    assert_gradients(contrastive_case("contrastive(lopsided)", img, txt, log_logit_scale,
+                                      pos), rng)
+
+
 def test_duplicate_positives():
     pos = duplicate_positives(np.array([4, 9, 4, 1, 9]))
     assert pos.dtype == bool and pos.shape == (5, 5)

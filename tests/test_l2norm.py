@@ -101,6 +101,29 @@ def test_zero_row_maps_to_zero_without_nan():
     np.testing.assert_allclose(dx[0], 1e12)                      # dy / eps on the clamped row
 
 
+@pytest.mark.parametrize("dtype, eps, row", [
+    (np.float64, 1e-12, [1e-12, 0.0, 0.0]),                     # the default eps
+    (np.float64, 5.0, [3.0, 0.0, 4.0]),                          # 9 + 16 = 25 exactly
+    (np.float32, 5.0, [3.0, 0.0, 4.0]),
+    (np.float32, 0.5, [0.0, -0.5, 0.0]),
+])
+def test_norm_exactly_eps_takes_the_clamped_branch(dtype, eps, row):
+    """At ||x|| == eps (the branch boundary) the docstring's clamped formulas hold:
+    ``y = x / eps`` and ``dx = dy / eps`` (no projection term), as for ``||x|| < eps``."""
+    x = np.array([row, [2.0, 6.0, 3.0]], dtype=dtype)            # row 1: norm 7 > eps
+    assert np.sqrt(np.sum(x[0] * x[0])) == dtype(eps)            # the boundary, exactly
+    y, cache = l2norm.forward(x, eps=eps)
+    np.testing.assert_array_equal(y[0], x[0] / dtype(eps))
+    dy = np.array([[1.0, -2.0, 0.5], [0.3, -1.0, 2.0]], dtype=dtype)  # <y0, dy0> != 0
+    dx = l2norm.backward(dy, cache)
+    assert dx.dtype == dtype
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    np.testing.assert_allclose(dx[0], dy[0] / eps, rtol=tol)
+    np.testing.assert_allclose(dx[1], naive_l2norm_backward(dy[1:], x[1:], eps)[0],
+                               rtol=10 * tol, atol=tol)
+    assert not cache.normalized[0, 0] and cache.normalized[1, 0]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_dtype_preserved_and_inputs_untouched(dtype):
     rng = np.random.default_rng(0)

@@ -173,6 +173,27 @@ def test_float32_in_float32_out():
     assert inference.encode_texts(params, cfg, ids, pad_id=PAD).dtype == np.float32
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_training_steps_with_router_noise(mode):
+    """Three AdamW steps in float32 with router noise on (train=True): every loss is a
+    finite float, every gradient and parameter stays float32 and finite."""
+    cfg, params, images, ids, _ = setup(13, mode, dtype="float32", router_noise=0.5)
+    rng = np.random.default_rng(4)
+    state = optim.init_state(params)
+    adam = optim.AdamWConfig(lr=1e-3, warmup_steps=0, total_steps=3)
+    for _ in range(3):
+        losses, grads, _ = model.loss_and_grads(params, cfg, images, ids, pad_id=PAD,
+                                                train=True, rng=rng)
+        assert all(isinstance(v, float) and np.isfinite(v) for v in losses.values())
+        for g in flatten(grads).values():
+            values = g.data if sp.issparse(g) else np.asarray(g)
+            assert values.dtype == np.float32 and np.all(np.isfinite(values))
+        optim.step(params, grads, state, adam)
+    for p in flatten(params).values():
+        values = p.data if sp.issparse(p) else np.asarray(p)
+        assert values.dtype == np.float32 and np.all(np.isfinite(values))
+
+
 def test_losses_sum_to_total_and_stats_are_json():
     cfg, params, images, ids, _ = setup(4, "shared", caption_weight=0.5,
                                         contrastive_weight=2.0)

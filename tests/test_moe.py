@@ -4,13 +4,15 @@ import math
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minivlmoe.moe import aux_losses, experts, moe_layer
+from minivlmoe.moe import aux_losses, experts, moe_layer, router
 from minivlmoe.gradcheck import assert_gradients
 from minivlmoe.testing.moe import moe_layer_case, naive_pool, separated_inputs
 from minivlmoe.testing.ops import naive_ffn
+from minivlmoe.tree import flatten
 
 SEEDS = st.integers(0, 2**32 - 1)
 ALL_AUX = {name: 0.1 for name in aux_losses.AUX_LOSSES}
@@ -277,6 +279,45 @@ def test_float32_in_float32_out():
     assert isinstance(aux.aux_total, float)
 
 
+@pytest.mark.parametrize("mode", ["shared", "modality"])
+def test_float32_with_router_noise_in_training(mode):
+    """Router noise is drawn in float64 and must reach the router in x's dtype: a float32
+    forward and backward with train=True stays float32 and finite."""
+    rng = np.random.default_rng(0)
+    config = moe_layer.MoEConfig(num_experts=4, k=2, mode=mode, noise_std=0.5,
+                                 aux_weights=ALL_AUX)
+    params = moe_layer.init(rng, 6, 8, config)
+    x = rng.standard_normal((10, 6)).astype(np.float32)
+    modality = np.array([0, 1] * 5)
+    y, aux, cache = moe_layer.forward(x, params, config, modality,
+                                      rng=np.random.default_rng(1), train=True)
+    clean, _, _ = moe_layer.forward(x, params, config, modality)
+    assert not np.allclose(y, clean)                             # the noise was applied
+    dx, grads = moe_layer.backward(np.ones_like(y), cache)
+    assert y.dtype == dx.dtype == np.float32
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(dx)) and np.isfinite(aux.aux_total)
+    for path, g in flatten(grads).items():
+        values = g.data if sp.issparse(g) else g
+        assert values.dtype == np.float32 and np.all(np.isfinite(values)), path
+
+
+def test_training_noise_is_sample_noise_of_noise_std_per_pool():
+    """The layer's router sees ``router.sample_noise(rng, (N_p, E), noise_std)``, drawn
+    pool after pool (image then text) from the one generator."""
+    rng = np.random.default_rng(0)
+    config = moe_layer.MoEConfig(num_experts=4, k=2, noise_std=0.3, mode="modality")
+    params = moe_layer.init(rng, 5, 6, config, dtype=np.float64)
+    x = rng.standard_normal((9, 5))
+    modality = np.array([1, 0, 0, 1, 1, 0, 1, 1, 1])
+    _, _, cache = moe_layer.forward(x, params, config, modality,
+                                    rng=np.random.default_rng(2), train=True)
+    draws = np.random.default_rng(2)
+    for name, idx, pool_cache, _ in cache.pools:
+        noise = router.sample_noise(draws, (len(idx), 4), 0.3, np.float64)
+        want, _ = router.forward(x[idx], params[name]["router"], 2, True, noise)
+        np.testing.assert_array_equal(pool_cache.router.softmax.p, want.probs)
+
+
 def test_noise_only_in_training_and_only_from_the_generator():
     rng = np.random.default_rng(0)
     config = moe_layer.MoEConfig(num_experts=4, k=2, noise_std=0.5)
@@ -310,6 +351,30 @@ def test_modality_pools_route_each_modality_to_its_own_experts():
     _, grads = moe_layer.backward(np.ones_like(y), cache)
     assert not grads["image"]["experts"]["e0"]["fc1"]["W"].data.any()
     assert aux.stats["image"].load.sum() == 0
+
+
+def test_a_pool_without_tokens_reports_zero_usage():
+    """An idle modality pool reports usage zeros (2, E) like a busy one, never None; a
+    shared pool reports zeros when a modality array was given and None when not."""
+    rng = np.random.default_rng(0)
+    config = moe_layer.MoEConfig(num_experts=3, k=1, mode="modality")
+    params = moe_layer.init(rng, 4, 5, config, dtype=np.float64)
+    x = rng.standard_normal((7, 4))
+    _, aux, _ = moe_layer.forward(x, params, config, np.ones(7, dtype=int))  # no image
+    image, text = aux.stats["image"], aux.stats["text"]
+    assert isinstance(image.usage, np.ndarray) and image.usage.shape == (2, 3)
+    assert image.usage.dtype == text.usage.dtype == np.int64
+    np.testing.assert_array_equal(image.usage, np.zeros((2, 3)))
+    np.testing.assert_array_equal(image.load, np.zeros(3))
+    np.testing.assert_array_equal(text.usage, [[0, 0, 0], text.load])
+    assert text.usage.sum() == 7
+    shared = moe_layer.MoEConfig(num_experts=3, k=1)
+    p_shared = moe_layer.init(rng, 4, 5, shared, dtype=np.float64)
+    _, aux, _ = moe_layer.forward(np.zeros((0, 4)), p_shared, shared, np.zeros(0, dtype=int))
+    np.testing.assert_array_equal(aux.stats["shared"].usage, np.zeros((2, 3)))
+    assert aux.stats["shared"].usage.shape == (2, 3)
+    _, aux, _ = moe_layer.forward(np.zeros((0, 4)), p_shared, shared)
+    assert aux.stats["shared"].usage is None                     # no modality array given
 
 
 def test_shared_mode_splits_entropy_losses_by_modality():

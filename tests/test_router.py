@@ -186,6 +186,26 @@ def test_noise_is_added_to_the_logits_and_drawn_from_the_generator(rng):
         router.sample_noise(None, (6, 4), 0.25, np.float64)
 
 
+@pytest.mark.parametrize("std, dtype", [(0.25, np.float64), (1.0 / 8, np.float32)])
+def test_noise_has_mean_zero_and_the_given_std(std, dtype):
+    """The noise is ``std * N(0, 1)``: over n draws its mean, std and the fraction inside
+    one std lie within 5 standard errors of 0, ``std`` and erf(1/sqrt 2) = 0.6827
+    (each bound is exceeded with probability < 6e-7 by correct code).  ``std / N(0, 1)``
+    has no finite variance and only 31.7% of its draws inside one std."""
+    n = 100_000
+    z = router.sample_noise(np.random.default_rng(5), (n // 4, 4), std, dtype)
+    assert z.shape == (n // 4, 4) and z.dtype == dtype
+    z = z.astype(np.float64).ravel()
+    se_mean = std / math.sqrt(n)                                 # SE of the sample mean
+    se_std = std / math.sqrt(2 * n)                              # SE of the sample std (normal)
+    inside = math.erf(1 / math.sqrt(2))                          # P(|Z| < 1) = 0.6827
+    se_inside = math.sqrt(inside * (1 - inside) / n)             # binomial SE
+    assert abs(z.mean()) < 5 * se_mean
+    assert abs(z.std() - std) < 5 * se_std
+    assert abs(np.mean(np.abs(z) < std) - inside) < 5 * se_inside
+    assert not router.sample_noise(np.random.default_rng(5), (3, 4), 0.0, dtype).any()
+
+
 def test_float32_in_float32_out(rng):
     params = router.init(rng, 5, 4, dtype=np.float32)
     x = rng.standard_normal((6, 5)).astype(np.float32)

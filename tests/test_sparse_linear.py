@@ -101,6 +101,58 @@ def test_every_kernel_path_agrees_with_dense(density, group, d_out):
     np.testing.assert_allclose(grads["W"].tocoo().data, full[coo.row, coo.col], rtol=1e-12, atol=1e-12)
 
 
+def hand_built(rng, rows, d_in, dtype=np.float64):
+    """A csr_array from (data, indices, indptr) with the given stored columns per row
+    (an empty list is an empty row); values random, explicit zeros allowed."""
+    counts = [len(c) for c in rows]
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    indices = np.concatenate([np.asarray(c, dtype=np.int32) for c in rows])
+    data = rng.standard_normal(len(indices)).astype(dtype)
+    return sp.csr_array((data, indices, indptr), shape=(len(rows), d_in))
+
+
+FULL = list(range(6))
+HAND_BUILT = {
+    # stored density >= DENSE_ABOVE at Din = 6 (expanded dense path), CSR kernels once
+    # Din is padded to 96; empty rows, full rows and ragged rows
+    "dense-empty-rows": [FULL, [], FULL, [0, 2, 5], FULL, []],
+    "dense-empty-first-and-last": [[], FULL, FULL, FULL, FULL, [1, 3]],
+    "dense-one-empty-row": [FULL, [], FULL, FULL],               # nnz = (Dout - 1) Din
+    # every entry stored (the zero-copy full path; padded: the grouped path), some
+    # stored values zero
+    "full": [FULL] * 5,
+    # low density, empty and ragged rows: no row groups (per-entry gather when padded)
+    "sparse-empty-rows": [[], [4], [], [0, 5], [], [], [], [2]],
+}
+
+
+@pytest.mark.parametrize("name", list(HAND_BUILT))
+@pytest.mark.parametrize("d_in_pad", [0, 90])
+def test_hand_built_weights_agree_with_dense(name, d_in_pad):
+    """Weights not made by init: empty rows, unequal rows, explicit zeros.  Forward and
+    backward equal the dense products, whichever kernel the stored density selects."""
+    rng = np.random.default_rng(len(name) + d_in_pad)
+    d_in = 6 + d_in_pad                                          # padding lowers the density
+    W = hand_built(rng, HAND_BUILT[name], d_in)
+    if name == "full" and d_in_pad == 0:
+        W.data[[3, 7]] = 0.0                                     # stored zeros stay stored
+    d_out = W.shape[0]
+    params = {"W": W, "b": rng.standard_normal(d_out)}
+    x = rng.standard_normal((2, 7, d_in))
+    Wd = W.toarray()
+    y, cache = sparse_linear.forward(x, params)
+    np.testing.assert_allclose(y, x @ Wd.T + params["b"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y, naive_forward(x, W, params["b"]), rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    dx, grads = sparse_linear.backward(dy, cache)
+    np.testing.assert_allclose(dx, dy @ Wd, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grads["b"], dy.reshape(-1, d_out).sum(axis=0), rtol=1e-12)
+    assert grads["W"].indptr.tobytes() == W.indptr.tobytes()
+    assert grads["W"].indices.tobytes() == W.indices.tobytes()
+    np.testing.assert_allclose(grads["W"].data, naive_weight_grad(x, dy, W), rtol=1e-12,
+                               atol=1e-12)
+
+
 def test_init_scale_uses_stored_fan_in():
     params = sparse_linear.init(np.random.default_rng(0), 400, 300, 0.1, dtype=np.float64)
     k = 40
