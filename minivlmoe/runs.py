@@ -276,7 +276,7 @@ def _check_rng(name, state, fail):
     try:
         checkpoint.restore_rng(state)
     except (TypeError, ValueError) as e:
-        fail(f"{name} is not a bit-generator state of a known kind ({e})"[:300])
+        fail(f"{name} is not a bit-generator state of a known kind ({str(e)[:200]})")
 
 
 def _check_training_state(ckpt, train_cfg, fail):
@@ -288,10 +288,12 @@ def _check_training_state(ckpt, train_cfg, fail):
     drawn per step and an epoch holds ``n_train // batch_size`` batches, so after step
     ``s >= 1`` the position in the epoch is ``batch_size * ((s - 1) % batches + 1)``.
     """
-    def need(value, where, *types):
-        if isinstance(value, bool) or not isinstance(value, types):
-            fail(f"{where} must be a {' or '.join(t.__name__ for t in types)}, got "
-                 f"{type(value).__name__} {value!r:.100}")
+    kinds = {dict: "a dict", int: "an int", float: "a number"}
+
+    def need(value, where, kind):
+        ok = isinstance(value, (int, float) if kind is float else kind)
+        if isinstance(value, bool) or not ok:
+            fail(f"{where} must be {kinds[kind]}, got {type(value).__name__} {value!r:.100}")
         return value
 
     rng_state, extra, step = ckpt.rng_state, ckpt.extra, ckpt.step
@@ -315,14 +317,14 @@ def _check_training_state(ckpt, train_cfg, fail):
              f"from {n} pairs, in [0, n_train]), got {pos}")
     sums = need(extra["sums"], "extra['sums']", dict)
     for key, value in sums.items():
-        need(value, f"extra['sums'][{key!r}]", int, float)
+        need(value, f"extra['sums'][{key!r}]", float)
         if not math.isfinite(value):
             fail(f"extra['sums'][{key!r}] must be finite, got {value!r}")
     count = need(extra["count"], "extra['count']", int)
     if not 0 <= count <= step or (count == 0) != (not sums):
         fail(f"extra['count'] must be in [0, step={step}] and 0 exactly when "
              f"extra['sums'] is empty, got {count} with {len(sums)} sum(s)")
-    elapsed = need(extra["elapsed_s"], "extra['elapsed_s']", int, float)
+    elapsed = need(extra["elapsed_s"], "extra['elapsed_s']", float)
     if not 0 <= elapsed < math.inf:
         fail(f"extra['elapsed_s'] must be a finite number >= 0, got {elapsed!r}")
 
