@@ -34,10 +34,13 @@ Reading
 -------
 :func:`load` refuses, with a one-line :class:`CheckpointError` naming the file and
 the problem, a file that is missing, empty, not a zip, truncated or corrupted; a
-missing manifest or an unknown format version; a missing or an extra array; an
-array whose shape, dtype or SHA-256 differs from the manifest; a pickled object
-array; an invalid sparse pattern; and a config that differs from
-``expected_config``.
+missing manifest or an unknown format version; a negative step; a missing or an
+extra array; an array whose shape, dtype or SHA-256 differs from the manifest; a
+pickled object array; an invalid sparse pattern; and a config that differs from
+``expected_config``.  A path that is a directory or holds a NUL byte is a
+CheckpointError too; a ``path`` that is not a path at all is a TypeError.  What the
+numbers mean (finite, in range) is checked for a run's checkpoint by
+:func:`minivlmoe.runs.load_checkpoint`.
 """
 
 from __future__ import annotations
@@ -278,6 +281,9 @@ def _read_manifest(npz, fail):
     for key, kind in expected.items():
         if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
             fail(f"malformed manifest: {key!r} must be a {kind.__name__}")
+    if manifest["step"] < 0:
+        fail(f"malformed manifest: 'step' must be >= 0 (as save requires), "
+             f"got {manifest['step']}")
     return manifest
 
 
@@ -373,6 +379,21 @@ def _config_diff(saved, expected, prefix=""):
     return diffs
 
 
+def _checked_path(path):
+    """``os.fspath(path)``, or TypeError naming ``path`` when it is not a path at all."""
+    try:
+        return os.fspath(path)
+    except TypeError:
+        raise TypeError(f"path must be a str, bytes or os.PathLike naming a checkpoint "
+                        f"file, got {type(path).__name__} {path!r:.200}") from None
+
+
+def _shown_path(path):
+    """The path as printed in error messages: as is, or repr() if it holds control bytes."""
+    text = os.fsdecode(path)
+    return text if text.isprintable() else repr(text)[:200]
+
+
 def load(path, expected_config=None):
     """Read and verify a checkpoint written by :func:`save`.
 
@@ -388,18 +409,29 @@ def load(path, expected_config=None):
 
     Raises
     ------
-    CheckpointError (a ValueError) with a one-line message naming the file and the problem.
+    CheckpointError (a ValueError) with a one-line message naming the file and the problem
+    (a directory or a path holding a NUL byte included).  TypeError if ``path`` is not a
+    str, bytes or os.PathLike.
+
+    This checks the file, not what its numbers mean: a run's checkpoint is also checked
+    against its config (finite values, ranges, training state) by
+    :func:`minivlmoe.runs.load_checkpoint`.
     """
-    path = os.fspath(path)
+    path = _checked_path(path)
     if expected_config is not None:
         if not isinstance(expected_config, dict):
             raise TypeError(f"expected_config must be a dict or None, "
                             f"got {type(expected_config).__name__}")
         expected_config = _to_json("expected_config", expected_config)
+    shown = _shown_path(path)
 
     def fail(problem):
-        raise CheckpointError(f"checkpoint {path}: {problem}") from None
+        raise CheckpointError(f"checkpoint {shown}: {problem}") from None
 
+    if "\0" in os.fsdecode(path):
+        fail("cannot be read (the path contains a NUL byte)")
+    if os.path.isdir(path):
+        fail("cannot be read: it is a directory, not a checkpoint file")
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -449,6 +481,13 @@ def restore_rng(rng_state):
     bit_generator = getattr(np.random, name)()
     try:
         bit_generator.state = rng_state
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
         raise ValueError(f"rng_state is not a valid {name} state ({_one_line(e)})") from None
+    # NumPy converts what it is given (1.5 -> 1, True -> 1): the state read back must be
+    # the state given, or the generator would silently draw another sequence
+    given, got = (json.dumps(s, default=_json_default, sort_keys=True)
+                  for s in (rng_state, bit_generator.state))
+    if given != got or rng_state.get("has_uint32", 0) not in (0, 1):
+        raise ValueError(f"rng_state is not a valid {name} state (a value has the wrong "
+                         f"type or range; got {given:.200})")
     return np.random.Generator(bit_generator)

@@ -284,6 +284,7 @@ def test_pickled_object_array_is_refused(tmp_path):
     (lambda a, m: m.update(version=2), r"unknown format version 2 .*reads version 1"),
     (lambda a, m: m.update(format="something-else"), "does not declare format"),
     (lambda a, m: m.pop("config"), "malformed manifest: 'config'"),
+    (lambda a, m: m.update(step=-1), r"malformed manifest: 'step' must be >= 0 .*got -1"),
     (lambda a, m: m["trees"]["params"][0].update(kind="tensor"), "unknown leaf kind 'tensor'"),
     (lambda a, m: m["trees"].pop("opt_state"), "no record list for 'opt_state'"),
     (lambda a, m: m["trees"]["params"][0].pop("arrays"), "bad leaf record"),
