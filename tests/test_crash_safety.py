@@ -1,15 +1,22 @@
 """A crash-safe run folder: tests/test_crash_safety.py.
 
-Torn metrics lines, the temporary files of killed writes, the atomic config.json.
+Torn metrics lines, the temporary files of killed writes, the atomic config.json, and the
+kill-resume loop of benchmarks/kill_resume.py with a few kills (SIGKILLs of real
+training processes, most of them inside a checkpoint write).
 """
 
 import json
 import os
+import pathlib
+import runpy
 
 import numpy as np
 import pytest
 
 from minivlmoe import checkpoint, runs, train
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
 
 def tiny(steps=8, eval_every=2, **overrides):
     return runs.preset_configs("tiny", steps=steps, eval_every=eval_every, **overrides)
@@ -232,3 +239,17 @@ def test_new_run_folder_writes_config_and_empty_metrics_and_drops_an_old_checkpo
     assert sorted(os.listdir(tmp_path)) == [runs.CONFIG_NAME, runs.METRICS_NAME]
     assert json.loads((tmp_path / runs.CONFIG_NAME).read_text()) == config
     assert (tmp_path / runs.METRICS_NAME).read_bytes() == b""
+
+
+# ----------------------------------------------------------------------------- kill loop
+
+@pytest.mark.slow
+def test_kill_during_saves_then_resume_loses_nothing(tmp_path):
+    """benchmarks/kill_resume.py with 3 SIGKILLs (two aimed at checkpoint writes)."""
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "kill_resume.py"))
+    r = bench["run"](3, steps=40, eval_every=2, kill_seed=1, max_delay_s=1.5,
+                     workdir=str(tmp_path))
+    assert r["kills"] == 3, bench["summary"](r)
+    assert r["lost"] == 0 and r["failures"] == 0 and r["tracebacks"] == 0, bench["summary"](r)
+    assert r["temps_left"] == 0 and r["identical"], bench["summary"](r)
+    assert r["ok"]
