@@ -12,9 +12,9 @@ then checks what issue 11 asks of a crash-safe run folder:
 * no stderr of any process holds a traceback.
 
 Every other kill is aimed at a checkpoint write: the script polls the run folder for the
-checkpoint's temporary file (``.ckpt.npz.<hex>.tmp``) and kills when the second or third
-one since the process started appears (so each such cycle still saves at least one
-checkpoint and the run moves on).  The other kills come at a random time, which puts
+checkpoint's temporary file (``.ckpt.npz.<hex>.tmp``) and kills when one appears after
+one or two completed saves of the process (so each such cycle still saves a checkpoint
+and the run moves on).  The other kills come at a random time, which puts
 some of them in the startup of a resume (e.g. while metrics.jsonl is being rewritten).
 A kill counts as "inside a write" only if its temporary file is still there after the
 process died.  One summary line; exit status 0 only if every check holds:
@@ -46,13 +46,13 @@ CKPT_TEMP = re.compile(r"\.ckpt\.npz\.[0-9a-f]{12}\.tmp")
 POLL_S = 0.0005
 
 
-def _start(run_dir, log_path, steps, eval_every, seed, resume):
+def _start(run_dir, log_path, steps, eval_every, seed, resume, dtype="float32"):
     cmd = [sys.executable, "-m", "minivlmoe", "train", "--out", run_dir, "--quiet"]
     if resume:
         cmd.append("--resume")
     else:
         cmd += ["--preset", "tiny", "--steps", str(steps), "--eval-every", str(eval_every),
-                "--seed", str(seed), "--overwrite"]
+                "--seed", str(seed), "--dtype", dtype, "--overwrite"]
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
                             env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
@@ -67,14 +67,27 @@ def _ckpt_temps(run_dir):
         return set()
 
 
+def _inode(path):
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
 def _wait_and_kill(proc, run_dir, *, saves=None, deadline_s=None):
-    """Kill ``proc`` when the ``saves``-th new checkpoint temp file appears or after
-    ``deadline_s`` seconds; True once it is dead, None if it exited by itself."""
-    seen, t0 = set(), time.perf_counter()
+    """Kill ``proc`` when a checkpoint temp file appears after ``saves - 1`` completed
+    saves (or, should the polling miss every temp file on a fast disk, right after the
+    ``saves + 2``-th save), or after ``deadline_s`` seconds; True once it is dead, None
+    if it exited by itself."""
+    ckpt, t0 = os.path.join(run_dir, "ckpt.npz"), time.perf_counter()
+    inode, completed = _inode(ckpt), 0
     while proc.poll() is None:
         if saves is not None:
-            seen |= _ckpt_temps(run_dir)
-            fire = len(seen) >= saves
+            now = _inode(ckpt)
+            completed += now != inode             # each os.replace gives a new inode
+            inode = now
+            fire = ((completed >= saves - 1 and _ckpt_temps(run_dir))
+                    or completed >= saves + 2)
         else:
             fire = time.perf_counter() - t0 >= deadline_s
         if fire:
@@ -127,8 +140,8 @@ def compare_runs(a, b):
     return True, f"{len(ma)} records, {sum(leaves)} arrays"
 
 
-def run(kills=20, *, steps=200, eval_every=2, seed=0, kill_seed=0, max_delay_s=2.0,
-        workdir=None):
+def run(kills=20, *, steps=200, eval_every=2, seed=0, dtype="float32", kill_seed=0,
+        max_delay_s=2.0, workdir=None):
     """The kill-resume loop; returns a dict of counts (see the module docstring)."""
     from minivlmoe import checkpoint, runs
 
@@ -142,9 +155,9 @@ def run(kills=20, *, steps=200, eval_every=2, seed=0, kill_seed=0, max_delay_s=2
         logs.append(os.path.join(workdir, f"stderr_{len(logs):03d}.txt"))
         return logs[-1]
 
-    ref = _start(ref_dir, log_path(), steps, eval_every, seed, resume=False)
+    ref = _start(ref_dir, log_path(), steps, eval_every, seed, resume=False, dtype=dtype)
     ckpt_path = os.path.join(run_dir, runs.CKPT_NAME)
-    proc = _start(run_dir, log_path(), steps, eval_every, seed, resume=False)
+    proc = _start(run_dir, log_path(), steps, eval_every, seed, resume=False, dtype=dtype)
     while proc.poll() is None and not os.path.exists(ckpt_path):
         time.sleep(POLL_S)          # arm the kills once the first checkpoint exists
     done = {"kills": 0, "in_save": 0, "temps_left_by_kills": 0, "lost": 0, "failures": 0}
@@ -204,13 +217,14 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=200, help="training steps (200)")
     p.add_argument("--eval-every", type=int, default=2, help="steps between checkpoints (2)")
     p.add_argument("--seed", type=int, default=0, help="training seed (0)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--kill-seed", type=int, default=0, help="seed of the kill times (0)")
     p.add_argument("--workdir", help="keep the run folders here (default: a temp folder)")
     args = p.parse_args(argv)
     if args.workdir:
         os.makedirs(args.workdir, exist_ok=True)
     r = run(args.kills, steps=args.steps, eval_every=args.eval_every, seed=args.seed,
-            kill_seed=args.kill_seed, workdir=args.workdir)
+            dtype=args.dtype, kill_seed=args.kill_seed, workdir=args.workdir)
     print(summary(r))
     return 0 if r["ok"] else 1
 
