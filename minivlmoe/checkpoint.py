@@ -24,11 +24,14 @@ The zip entries carry a fixed timestamp, so the same state always gives the same
 
 Writing
 -------
-:func:`save` writes a temporary file in the destination's folder, flushes and
-``fsync``s it, then ``os.replace``s it onto the destination (atomic on POSIX and
-Windows) and ``fsync``s the folder where the platform allows.  A crash at any
-moment leaves either the old checkpoint or the new one, never a mixture, and a
-failed write removes its temporary file.
+:func:`save` writes with :func:`atomic_write` (which the run folder's config.json and
+metrics.jsonl rewrites share): a temporary file ``.<name>.<12 hex>.tmp`` in the
+destination's folder, flushed and ``fsync``ed, then ``os.replace``d onto the
+destination (atomic on POSIX and Windows), and the folder ``fsync``ed where the
+platform allows.  A crash at any moment leaves either the old checkpoint or the new
+one, never a mixture; a failed write removes its temporary file, and the temporary
+files a killed write leaves are removed by the next write to the same path
+(:func:`remove_stale_temps`, which touches nothing else).
 
 Reading
 -------
@@ -50,6 +53,7 @@ import hashlib
 import json
 import numbers
 import os
+import re
 import secrets
 import zipfile
 from typing import Any, NamedTuple
@@ -62,6 +66,7 @@ VERSION = 1
 MANIFEST = "__manifest__"
 TREES = ("params", "opt_state")
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamp: identical state, identical bytes
+_TEMP_HEX = 6                      # random bytes in a temporary file's name
 _BIT_GENERATORS = ("PCG64", "PCG64DXSM", "Philox", "SFC64", "MT19937")
 
 
@@ -181,6 +186,71 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
+def _temp_name(path):
+    """(folder, basename, name regex) of :func:`atomic_write`'s temporary files for ``path``."""
+    folder, base = os.path.split(os.path.abspath(path))
+    return folder, base, re.compile(rf"\.{re.escape(base)}\.[0-9a-f]{{{2 * _TEMP_HEX}}}\.tmp")
+
+
+def remove_stale_temps(path):
+    """Delete the temporary files that interrupted :func:`atomic_write` calls for ``path`` left.
+
+    Only regular files named ``.<basename>.<12 hex digits>.tmp`` in ``path``'s folder are
+    removed (the pattern :func:`atomic_write` uses for ``path``, so another file's temp
+    files and any other name are never touched).  Best effort: a file that cannot be
+    removed is left alone.  Assumes one writer per ``path`` (a run folder has one training
+    process).  Returns the removed names, sorted.
+    """
+    folder, _, pattern = _temp_name(path)
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+    return sorted(removed)
+
+
+def atomic_write(path, content):
+    """Replace the file ``path`` by ``content`` atomically (temp file, fsync, rename).
+
+    Parameters
+    ----------
+    path : str or os.PathLike; its folder must exist.
+    content : bytes, or a callable ``content(file)`` that writes into a binary file.
+
+    The bytes go to ``.<basename>.<random hex>.tmp`` in ``path``'s folder (so the rename
+    stays on one filesystem), which is flushed and ``fsync``ed, then ``os.replace``d onto
+    ``path``; the folder is ``fsync``ed where the platform allows.  A crash at any moment
+    leaves the old file or the new one.  If writing fails the temporary file is removed
+    and the error propagates; the temp files of earlier writes that were killed are
+    removed first (:func:`remove_stale_temps`).
+    """
+    path = os.fspath(path)
+    remove_stale_temps(path)
+    folder, base, _ = _temp_name(path)
+    tmp = os.path.join(folder, f".{base}.{secrets.token_hex(_TEMP_HEX)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
 def save(path, *, params, opt_state, step, config, rng_state, extra=None):
     """Write a checkpoint to ``path`` (exactly that name) atomically.
 
@@ -195,8 +265,10 @@ def save(path, *, params, opt_state, step, config, rng_state, extra=None):
         or one generator's state (see :func:`restore_rng`).
     extra : any JSON-serializable value (e.g. the last metrics).
 
-    Every argument is checked before the file is touched.  Errors while writing
-    (e.g. a full disk) propagate unchanged after the temporary file is removed.
+    Every argument is checked before the file is touched.  The file is written by
+    :func:`atomic_write`, which first removes the temporary files of earlier saves to
+    ``path`` that were killed.  Errors while writing (e.g. a full disk) propagate
+    unchanged after the temporary file is removed.
     """
     path = os.fspath(path)
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
@@ -219,20 +291,7 @@ def save(path, *, params, opt_state, step, config, rng_state, extra=None):
     text = json.dumps(manifest, allow_nan=False).encode("utf-8")
     members = {MANIFEST: np.frombuffer(text, dtype=np.uint8), **arrays}
 
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _write_npz(f, members)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
+    atomic_write(path, lambda f: _write_npz(f, members))
 
 
 # ----------------------------------------------------------------------------- loading

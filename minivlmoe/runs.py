@@ -12,13 +12,20 @@ The run folder
 ``DIR/metrics.jsonl`` holds one JSON line per evaluation (:func:`append_jsonl`,
 :func:`read_metrics`; :func:`truncate_metrics` drops the lines written after the
 checkpoint a resumed run continues from).  ``DIR/ckpt.npz`` is the checkpoint
-(written atomically by :mod:`minivlmoe.checkpoint`); :func:`load_checkpoint` also
-checks it against a freshly initialized model of its config.  The training loop that
-writes these files is :mod:`minivlmoe.train`.
+(:mod:`minivlmoe.checkpoint`); :func:`load_checkpoint` also checks it against a
+freshly initialized model of its config.  The training loop that writes these files
+is :mod:`minivlmoe.train`.
+
+Crash safety: config.json and ckpt.npz are replaced atomically
+(:func:`minivlmoe.checkpoint.atomic_write`), metrics.jsonl is appended one whole line
+per ``write`` and ``fsync``ed, so a kill or a power cut leaves at worst a torn last
+line, which :func:`read_metrics` drops; the temporary files of killed writes are
+removed by the next write and on resume (:func:`remove_run_temps`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -376,30 +383,101 @@ def load_checkpoint(path, expected_config=None):
     return ckpt, model_cfg, train_cfg, tokenizer
 
 
-# ----------------------------------------------------------------------------- metrics.jsonl
+# ----------------------------------------------------------------------------- the run folder
+
+class MetricsError(checkpoint.CheckpointError):
+    """DIR/metrics.jsonl cannot be used; the message names the file and the line.
+
+    A :class:`minivlmoe.checkpoint.CheckpointError`, so whatever reports an unusable
+    checkpoint in one line (the CLI, a resume) reports an unusable run folder the same way.
+    """
+
+
+def remove_run_temps(out_dir):
+    """Delete the temporary files killed writes of the run folder's files left behind.
+
+    Only the names :func:`minivlmoe.checkpoint.atomic_write` gives the temporary files of
+    DIR/ckpt.npz, DIR/config.json and DIR/metrics.jsonl (``.ckpt.npz.<12 hex>.tmp``, ...)
+    are removed; every other file stays.  Returns the removed names.
+    """
+    return [name for file in (CKPT_NAME, CONFIG_NAME, METRICS_NAME)
+            for name in checkpoint.remove_stale_temps(os.path.join(out_dir, file))]
+
+
+def new_run_folder(out_dir, config):
+    """Start a run in ``out_dir``: config.json written, metrics.jsonl empty, no checkpoint.
+
+    The folder is created if needed; stale temporary files are removed
+    (:func:`remove_run_temps`), an earlier run's checkpoint is deleted first (so a crash
+    before the first save cannot pair the new config.json with an old checkpoint), then
+    config.json and an empty metrics.jsonl are each written atomically.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    remove_run_temps(out_dir)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(out_dir, CKPT_NAME))
+    checkpoint.atomic_write(os.path.join(out_dir, CONFIG_NAME),
+                            (json.dumps(config, indent=2) + "\n").encode("utf-8"))
+    checkpoint.atomic_write(os.path.join(out_dir, METRICS_NAME), b"")
+
 
 def append_jsonl(path, record):
-    """Append ``record`` as one JSON line to ``path`` and flush it to disk."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, allow_nan=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append ``record`` as one JSON line to ``path`` and flush it to disk.
+
+    The whole line goes out in one ``write`` on a file opened for appending (a loop only
+    if the system writes part of it, e.g. on a full disk), then ``fsync``: a crash can
+    tear only this last line, which :func:`read_metrics` then drops.  A record that is
+    not JSON (NaN, ...) raises before the file is opened.
+    """
+    line = memoryview((json.dumps(record, allow_nan=False) + "\n").encode("utf-8"))
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0),
+                 0o666)
+    try:
+        while line:
+            line = line[os.write(fd, line):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_metrics(out_dir):
-    """The records of DIR/metrics.jsonl (empty list if none)."""
+    """The records of DIR/metrics.jsonl (empty list if none), a torn last line dropped.
+
+    A last line that is not valid JSON is what a crash while appending leaves (a prefix
+    of the record, or zeros after a power cut); it is dropped.  Any other line that is
+    not a JSON object with an integer ``step`` raises :class:`MetricsError` naming the
+    file and the line number.  Blank lines are skipped.
+    """
     path = os.path.join(out_dir, METRICS_NAME)
-    if not os.path.exists(path):
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    lines = [(n, line) for n, line in enumerate(raw.split(b"\n"), 1) if line.strip()]
+    records = []
+    for n, line in lines:
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if n == lines[-1][0]:
+                break                                            # torn by a crash: dropped
+            raise MetricsError(f"{path}: line {n} of {lines[-1][0]} is not valid JSON "
+                               f"({type(e).__name__}: {e}); only a torn last line can be "
+                               f"dropped") from None
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise MetricsError(f"{path}: line {n} is not a metrics record (a JSON object "
+                               f"with an integer 'step'), got {line[:80]!r}")
+        records.append(record)
+    return records
 
 
 def truncate_metrics(out_dir, step):
-    """Drop records past ``step`` (written after the checkpoint we resume from)."""
+    """Drop records past ``step`` (written after the checkpoint we resume from).
+
+    Also drops a torn last line (:func:`read_metrics`); the file is rewritten atomically.
+    """
     records = [r for r in read_metrics(out_dir) if r["step"] <= step]
-    path = os.path.join(out_dir, METRICS_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in records)
-    os.replace(tmp, path)
+    text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
+    checkpoint.atomic_write(os.path.join(out_dir, METRICS_NAME), text.encode("utf-8"))

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -48,9 +47,9 @@ import numpy as np
 from . import checkpoint, evaluate, model, optim
 from ._checks import check_int
 from .data import minibatch_indices
-from .runs import (CKPT_NAME, CONFIG_NAME, METRICS_NAME, TrainConfig, append_jsonl,
-                   builtin_tokenizer, load_checkpoint, make_data, run_config,
-                   truncate_metrics)
+from .runs import (CKPT_NAME, METRICS_NAME, TrainConfig, append_jsonl, builtin_tokenizer,
+                   load_checkpoint, make_data, new_run_folder, remove_run_temps,
+                   run_config, truncate_metrics)
 from .timing import NULL_TIMER
 from .tokenizer import PAD_ID
 
@@ -241,7 +240,10 @@ def train(model_cfg, train_cfg, out_dir=None, *, resume=False, stop_at=None,
     ----------
     model_cfg : model.ModelConfig.   train_cfg : TrainConfig.
     out_dir : str or None; None writes nothing (no resume then).
-    resume : continue from ``out_dir/ckpt.npz`` (whose config must equal this one).
+    resume : continue from ``out_dir/ckpt.npz`` (whose config must equal this one);
+        metrics.jsonl keeps its records up to the checkpoint's step (a torn last line
+        is dropped) and the temporary files of killed writes are removed.
+        Without it a run starts afresh (:func:`minivlmoe.runs.new_run_folder`).
     stop_at : int or None; end this call after that step (saving a checkpoint), as if
         interrupted; the schedule still runs to ``train_cfg.steps``.
     progress : a text stream for the progress line, or None for silence.
@@ -257,7 +259,8 @@ def train(model_cfg, train_cfg, out_dir=None, *, resume=False, stop_at=None,
     Raises
     ------
     checkpoint.CheckpointError if ``resume`` and the checkpoint is missing, damaged or
-    from a different configuration.
+    from a different configuration, or metrics.jsonl is damaged before its last line
+    (:class:`minivlmoe.runs.MetricsError`).
     """
     if not isinstance(model_cfg, model.ModelConfig):
         raise TypeError(f"model_cfg must be a ModelConfig, got {type(model_cfg).__name__}")
@@ -279,15 +282,13 @@ def train(model_cfg, train_cfg, out_dir=None, *, resume=False, stop_at=None,
     ckpt_path = None if out_dir is None else os.path.join(out_dir, CKPT_NAME)
     metrics_path = None if out_dir is None else os.path.join(out_dir, METRICS_NAME)
     if resume:
+        remove_run_temps(out_dir)                  # left by writes a kill interrupted
         state = _resumed_state(ckpt_path, config, train_cfg, len(ids))
-        truncate_metrics(out_dir, state.step)
+        truncate_metrics(out_dir, state.step)      # also drops a torn last line
     else:
         state = _fresh_state(model_cfg, train_cfg, len(ids))
         if out_dir is not None:
-            os.makedirs(out_dir, exist_ok=True)
-            with open(os.path.join(out_dir, CONFIG_NAME), "w", encoding="utf-8") as f:
-                f.write(json.dumps(config, indent=2) + "\n")
-            open(metrics_path, "w", encoding="utf-8").close()
+            new_run_folder(out_dir, config)
 
     def elapsed():
         return state.elapsed0 + time.perf_counter() - t_start
