@@ -193,7 +193,8 @@ def save(path, *, params, opt_state, step, config, rng_state, extra=None):
     extra : any JSON-serializable value (e.g. the last metrics).
 
     Every argument is checked before the file is touched.  Errors while writing
-    (e.g. a full disk) propagate unchanged after the temporary file is removed.
+    propagate after the temporary file is removed; an OSError of a write to the file
+    (e.g. a full disk) is raised as one OSError with the same errno naming ``path``.
     """
     path = os.fspath(path)
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
@@ -225,9 +226,13 @@ def save(path, *, params, opt_state, step, config, rng_state, extra=None):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            # a write to the open file (e.g. a full disk, which also fails the zip's and
+            # the file's close): one OSError naming the checkpoint, not three chained
+            raise OSError(e.errno, e.strerror, path) from None
         raise
     _fsync_dir(folder)
 
