@@ -105,10 +105,10 @@ def _short(text):
 class TrainingDiverged(FloatingPointError):
     """Training stopped because the loss diverged (module docstring, "Divergence").
 
-    The message names the step, the loss and the rule broken, and the last good
-    checkpoint.  Attributes: ``step`` (the step that broke the rule), ``loss`` (its
+    The message names the step, the loss and the rule broken, and the checkpoint kept
+    (the last one written before the rule broke).  Attributes: ``step`` (the step that broke the rule), ``loss`` (its
     total loss, may be NaN or inf; None if the forward failed), ``checkpoint`` (path of
-    the last good checkpoint on disk, or None) and ``checkpoint_step``.
+    the checkpoint kept on disk, or None) and ``checkpoint_step``.
     """
 
     def __init__(self, message, *, step, loss=None, checkpoint=None, checkpoint_step=None):
@@ -432,7 +432,7 @@ def train(model_cfg, train_cfg, out_dir=None, *, resume=False, stop_at=None,
 
     def diverged(step, problem, loss=None):
         kept = ckpt_path if saved_step is not None else None
-        where = (f"last good checkpoint kept: {kept}, step {saved_step}" if kept else
+        where = (f"the checkpoint of step {saved_step} is kept: {kept}" if kept else
                  "no checkpoint was written")
         return TrainingDiverged(f"training diverged at step {step}: {problem}; lower the "
                                 f"learning rate (lr {train_cfg.lr:g}) ({where})",

@@ -122,7 +122,7 @@ def test_divergence_keeps_the_last_checkpoint_and_logs_nothing_of_it(tmp_path, c
     assert cli.main([*TINY, "--eval-every", "1", "--lr", "10",
                      "--out", str(out)]) == 1
     line = _one_error_line(capsys)
-    assert "at step 3" in line and f"last good checkpoint kept: {out / 'ckpt.npz'}, step 2" \
+    assert "at step 3" in line and f"the checkpoint of step 2 is kept: {out / 'ckpt.npz'}" \
         in line
     assert [r["step"] for r in runs.read_metrics(out)] == [1, 2]
     ckpt, _, _, _ = runs.load_checkpoint(out / "ckpt.npz")
