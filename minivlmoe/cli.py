@@ -88,7 +88,8 @@ def _os_reason(error):
 def _os_error_line(error):
     """``<reason> (<path>)`` of an OSError (the path when it names one)."""
     paths = [p for p in (error.filename, error.filename2) if p is not None]
-    return _os_reason(error) + (f" ({' -> '.join(map(os.fsdecode, paths))})" if paths else "")
+    where = " -> ".join(map(os.fsdecode, paths))
+    return _os_reason(error) + (f" ({where})" if paths else "")
 
 
 def _load_run(path):
@@ -173,7 +174,7 @@ def cmd_train(args):
     except KeyboardInterrupt:
         return _fail(f"interrupted; continue from the last checkpoint with "
                      f"`minivlmoe train --out {out} --resume`")
-    except OSError as e:                  # a checkpoint is replaced atomically or not at all
+    except OSError as e:            # a checkpoint is replaced atomically or not at all
         ckpt = os.path.join(out, runs.CKPT_NAME)
         kept = ("" if not os.path.isfile(ckpt) else "; the previous checkpoint is intact"
                 if e.filename is not None and os.fsdecode(e.filename) == ckpt

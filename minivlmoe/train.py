@@ -49,10 +49,10 @@ and exits 1) when
 A normal run's loss starts at its highest (about 6.8 for tiny, 8.4 for default) and
 decreases with per-step noise; the largest ratio of a step's loss to the reference
 measured on normal runs is 3.2 (tiny, 1000 steps, overfitting to a loss of 0.25) and
-1.3 (default, 300 steps), so the factor 10 leaves a margin of 3.  ``--lr 10`` on tiny breaks it at step 3 (353 > 10 x 6.80), ``--lr
-100`` at step 2.  The reference starts again after a resume.  Nothing of a step that
-breaks the rule is logged or saved, so the checkpoint on disk is the one of the last
-evaluation before it.  (That checkpoint's own loss is only measured by the next step:
+1.3 (default, 300 steps), so the factor 10 leaves a margin of 3.  ``--lr 10`` on tiny
+breaks it at step 3 (353 > 10 x 6.80), ``--lr 100`` at step 2.  The reference starts
+again after a resume.  Nothing of a step that breaks the rule is logged or saved, so
+the checkpoint on disk is the one of the last evaluation before it.  (That checkpoint's own loss is only measured by the next step:
 when the divergence starts with the very update before an evaluation, only its test
 figures, which must be finite, vouch for it.)
 
@@ -106,9 +106,10 @@ class TrainingDiverged(FloatingPointError):
     """Training stopped because the loss diverged (module docstring, "Divergence").
 
     The message names the step, the loss and the rule broken, and the checkpoint kept
-    (the last one written before the rule broke).  Attributes: ``step`` (the step that broke the rule), ``loss`` (its
-    total loss, may be NaN or inf; None if the forward failed), ``checkpoint`` (path of
-    the checkpoint kept on disk, or None) and ``checkpoint_step``.
+    (the last one written before the rule broke).  Attributes: ``step`` (the step that
+    broke the rule), ``loss`` (its total loss, may be NaN or inf; None if the forward
+    failed), ``checkpoint`` (path of the checkpoint kept on disk, or None) and
+    ``checkpoint_step``.
     """
 
     def __init__(self, message, *, step, loss=None, checkpoint=None, checkpoint_step=None):
@@ -240,8 +241,8 @@ class _DivergenceCheck:
             return f"non-finite loss ({_short(', '.join(bad))})"
         total = losses["total"]
         if self.best > 0 and total > DIVERGENCE_FACTOR * self.best:
-            return (f"total loss {total:.4g} > {DIVERGENCE_FACTOR:g} x {self.best:.4g}, the "
-                    f"lowest mean of {DIVERGENCE_WINDOW} consecutive step losses so far")
+            return (f"total loss {total:.4g} > {DIVERGENCE_FACTOR:g} x {self.best:.4g}, "
+                    f"the lowest mean of {DIVERGENCE_WINDOW} consecutive step losses so far")
         self.window.append(total)
         self.best = min(self.best, sum(self.window) / len(self.window))
         return None
@@ -478,8 +479,8 @@ def train(model_cfg, train_cfg, out_dir=None, *, resume=False, stop_at=None,
             except (FloatingPointError, ValueError) as e:
                 if not _blew_up(e):
                     raise
-                raise diverged(state.step, "the evaluation failed on the updated parameters "
-                               f"({type(e).__name__}: {_short(e)})") from e
+                raise diverged(state.step, "the evaluation failed on the updated "
+                               f"parameters ({type(e).__name__}: {_short(e)})") from e
             bad = _non_finite(record)
             if bad:                               # never logged, never saved
                 raise diverged(state.step, "the evaluation gave non-finite values "

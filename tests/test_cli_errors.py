@@ -77,7 +77,8 @@ CASES = {
                       "--out must be a folder"),
     "eval-json-unwritable": (lambda tmp, run: ["eval", str(run), "--no-decode", "--json",
                                                "/proc/x/o.json"],
-                             "cannot write --json: No such file or directory (/proc/x/o.json)"),
+                             "cannot write --json: No such file or directory "
+                             "(/proc/x/o.json)"),
     "lr-10": (lambda tmp, run: [*TINY, "--lr", "10", "--out", str(tmp / "r")],
               "training diverged at step 3: total loss 353.3 > 10 x 6.801"),
     "lr-100": (lambda tmp, run: [*TINY, "--steps", "8", "--lr", "100",
