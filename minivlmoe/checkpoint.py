@@ -227,8 +227,10 @@ def atomic_write(path, content):
     stays on one filesystem), which is flushed and ``fsync``ed, then ``os.replace``d onto
     ``path``; the folder is ``fsync``ed where the platform allows.  A crash at any moment
     leaves the old file or the new one.  If writing fails the temporary file is removed
-    and the error propagates; the temp files of earlier writes that were killed are
-    removed first (:func:`remove_stale_temps`).
+    and the error propagates (an OSError of a write to the open file, e.g. a full disk,
+    which also fails the file's close, as one OSError naming ``path``, not a chain); the
+    temp files of earlier writes that were killed are removed first
+    (:func:`remove_stale_temps`).
     """
     path = os.fspath(path)
     remove_stale_temps(path)
@@ -244,9 +246,11 @@ def atomic_write(path, content):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, path) from None
         raise
     _fsync_dir(folder)
 
@@ -267,8 +271,9 @@ def save(path, *, params, opt_state, step, config, rng_state, extra=None):
 
     Every argument is checked before the file is touched.  The file is written by
     :func:`atomic_write`, which first removes the temporary files of earlier saves to
-    ``path`` that were killed.  Errors while writing (e.g. a full disk) propagate
-    unchanged after the temporary file is removed.
+    ``path`` that were killed.  Errors while writing propagate after the temporary file
+    is removed; an OSError of a write to the file (e.g. a full disk) is raised as one
+    OSError with the same errno naming ``path``.
     """
     path = os.fspath(path)
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:

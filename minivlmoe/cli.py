@@ -8,8 +8,29 @@ eval        evaluate a checkpoint on its run's test split.
 caption     greedy captions of test images, next to the reference captions.
 retrieve    the test images that best match a caption.
 
-Exit status: 0 success, 1 a failed check or an unusable checkpoint (one line on
-stderr, no traceback), 2 bad command-line arguments (argparse's usage error).
+Exit status: 0 success, 1 a failed check or an expected failure (one line on
+stderr, ``minivlmoe: error: <what> (<path or value>)``, no traceback), 2 bad
+command-line arguments (argparse's usage error).
+
+Expected failures
+-----------------
+:func:`main` is the one place that turns them into that line; each class is chosen so
+that a bug still shows its traceback:
+
+* ``OSError`` -- the file system refused (a missing or unwritable folder, a file where
+  a folder is needed, permission, a full disk).  Every I/O the commands do is on paths
+  the user named, so an OSError is never a bug of ours; the line gives the system's
+  reason and the path.
+* :class:`minivlmoe.train.TrainingDiverged` -- the loss diverged (the rule is in
+  :mod:`minivlmoe.train`); the line names the step, the loss and the rule, and the last
+  good checkpoint, which is kept.
+* :class:`minivlmoe.checkpoint.CheckpointError` -- a checkpoint or run folder that
+  cannot be used.
+* Bad data the user typed (a caption, a flag, a run's config.json) is validated where
+  it enters, in the subcommand: flags by argparse (a usage error, exit 2, before any
+  file is looked at), a caption or config by catching the ValueError of the one call
+  that reads it.  ValueError and TypeError are *not* caught globally: anywhere else
+  they mean a bug, and so does any other exception.
 """
 
 from __future__ import annotations
@@ -57,6 +78,18 @@ def _fail(message):
     """One line on stderr and exit status 1 (no traceback)."""
     print(f"minivlmoe: error: {message}", file=sys.stderr)
     return 1
+
+
+def _os_reason(error):
+    """The system's reason of an OSError, without the errno and the path."""
+    return error.strerror or str(error) or type(error).__name__
+
+
+def _os_error_line(error):
+    """``<reason> (<path>)`` of an OSError (the path when it names one)."""
+    paths = [p for p in (error.filename, error.filename2) if p is not None]
+    where = " -> ".join(map(os.fsdecode, paths))
+    return _os_reason(error) + (f" ({where})" if paths else "")
 
 
 def _load_run(path):
@@ -118,24 +151,35 @@ def cmd_train(args):
         except (TypeError, ValueError) as e:
             args.parser.error(str(e))                                   # exit status 2
     else:
-        if os.path.exists(os.path.join(out, runs.CKPT_NAME)) and not args.overwrite:
-            return _fail(f"{out} already holds a run; pass --resume to continue it, "
-                         "--overwrite to start again, or choose another --out")
         preset = args.preset or "default"
-        try:
+        try:                                # the arguments first, then the folder
             model_cfg, train_cfg = runs.preset_configs(preset, **model_kw, **overrides)
         except (TypeError, ValueError) as e:
             args.parser.error(str(e))                                   # exit status 2
+        if os.path.exists(out) and not os.path.isdir(out):
+            return _fail(f"--out must be a folder, but it names an existing file ({out})")
+        if os.path.exists(os.path.join(out, runs.CKPT_NAME)) and not args.overwrite:
+            return _fail(f"{out} already holds a run; pass --resume to continue it, "
+                         "--overwrite to start again, or choose another --out")
     progress = None if args.quiet else sys.stderr
     if progress is not None:
         print(f"training preset {preset!r} ({model_cfg.experts} experts, {train_cfg.steps} "
               f"steps) into {out}", file=progress, flush=True)
     try:
-        result = train.train(model_cfg, train_cfg, out, resume=args.resume, preset=preset,
-                             progress=progress)
+        # a diverging run overflows; train.train checks every loss and evaluation for
+        # NaN and inf and stops with one line, so NumPy's warnings would only add noise
+        with np.errstate(over="ignore", invalid="ignore"):
+            result = train.train(model_cfg, train_cfg, out, resume=args.resume,
+                                 preset=preset, progress=progress)
     except KeyboardInterrupt:
         return _fail(f"interrupted; continue from the last checkpoint with "
                      f"`minivlmoe train --out {out} --resume`")
+    except OSError as e:            # a checkpoint is replaced atomically or not at all
+        ckpt = os.path.join(out, runs.CKPT_NAME)
+        kept = ("" if not os.path.isfile(ckpt) else "; the previous checkpoint is intact"
+                if e.filename is not None and os.fsdecode(e.filename) == ckpt
+                else f"; the last checkpoint is intact ({ckpt})")
+        return _fail(f"cannot write the run: {_os_error_line(e)}{kept}")
     if not result.history:
         print(f"the run in {out} is already complete ({result.step} steps)")
     if result.evaluations:
@@ -159,9 +203,13 @@ def cmd_eval(args):
     if args.json:
         import json
 
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"step": ckpt.step, **results}, f, indent=2)
-            f.write("\n")
+        try:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump({"step": ckpt.step, **results}, f, indent=2)
+                f.write("\n")
+        except OSError as e:
+            return _fail(f"cannot write --json: {_os_reason(e)} ({args.json}); "
+                         "the report above was printed")
     return 0
 
 
@@ -324,13 +372,20 @@ def build_parser():
 
 
 def main(argv=None):
+    """Run one subcommand; the expected failures (module docstring) become one line and
+    exit status 1, anything else keeps its traceback."""
     from .checkpoint import CheckpointError
+    from .train import TrainingDiverged
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except CheckpointError as e:  # a bad checkpoint or run folder: one line, exit 1
+    except CheckpointError as e:  # a bad checkpoint or run folder
         return _fail(str(e))
+    except TrainingDiverged as e:  # names the step, the loss, the rule and the checkpoint
+        return _fail(str(e))
+    except OSError as e:  # the file system refused: its reason and the path
+        return _fail(f"{args.command}: {_os_error_line(e)}")
 
 
 if __name__ == "__main__":  # pragma: no cover
