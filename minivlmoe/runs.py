@@ -11,7 +11,11 @@ The run folder
 :func:`parse_run_config`; the same dict is stored in every checkpoint).
 ``DIR/metrics.jsonl`` holds one JSON line per evaluation (:func:`append_jsonl`,
 :func:`read_metrics`; :func:`truncate_metrics` drops the lines written after the
-checkpoint a resumed run continues from).  ``DIR/ckpt.npz`` is the checkpoint
+checkpoint a resumed run continues from).  ``DIR/history.jsonl`` holds one JSON line
+per training step (step, lr, grad_norm and the losses), written in blocks at every
+checkpoint, so it always ends at the checkpoint's step; :func:`read_history`,
+:func:`truncate_history` keep it at one line per step 1..N across resumes.
+``DIR/ckpt.npz`` is the checkpoint
 (written atomically by :mod:`minivlmoe.checkpoint`); :func:`load_checkpoint` also
 checks it against a freshly initialized model of its config.  The training loop that
 writes these files is :mod:`minivlmoe.train`.
@@ -36,6 +40,7 @@ RUN_FORMAT = "minivlmoe-run"
 RUN_VERSION = 2                  # 2: the params key log_temp became log_logit_scale
 CKPT_NAME = "ckpt.npz"
 METRICS_NAME = "metrics.jsonl"
+HISTORY_NAME = "history.jsonl"
 CONFIG_NAME = "config.json"
 
 
@@ -252,26 +257,46 @@ def load_checkpoint(path, expected_config=None):
 # ----------------------------------------------------------------------------- metrics.jsonl
 
 def append_jsonl(path, record):
-    """Append ``record`` as one JSON line to ``path`` and flush it to disk."""
+    """Append ``record`` (a dict, or a list of dicts) as JSON lines to ``path`` and
+    flush them to disk (one write and one fsync for the whole list)."""
+    records = [record] if isinstance(record, dict) else list(record)
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, allow_nan=False) + "\n")
+        f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
         f.flush()
         os.fsync(f.fileno())
 
 
-def read_metrics(out_dir):
-    """The records of DIR/metrics.jsonl (empty list if none)."""
-    path = os.path.join(out_dir, METRICS_NAME)
+def read_jsonl(path):
+    """The records of a JSON-lines file (empty list if it does not exist)."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_metrics(out_dir):
+    """The records of DIR/metrics.jsonl (empty list if none)."""
+    return read_jsonl(os.path.join(out_dir, METRICS_NAME))
+
+
+def read_history(out_dir):
+    """The per-step records of DIR/history.jsonl (empty list if none)."""
+    return read_jsonl(os.path.join(out_dir, HISTORY_NAME))
+
+
 def truncate_metrics(out_dir, step):
     """Drop records past ``step`` (written after the checkpoint we resume from)."""
-    records = [r for r in read_metrics(out_dir) if r["step"] <= step]
-    path = os.path.join(out_dir, METRICS_NAME)
+    truncate_jsonl(os.path.join(out_dir, METRICS_NAME), step)
+
+
+def truncate_history(out_dir, step):
+    """Keep DIR/history.jsonl's lines of steps 1..``step`` (the checkpoint's)."""
+    truncate_jsonl(os.path.join(out_dir, HISTORY_NAME), step)
+
+
+def truncate_jsonl(path, step):
+    """Rewrite ``path`` without the records whose ``"step"`` is past ``step``."""
+    records = [r for r in read_jsonl(path) if r["step"] <= step]
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in records)
