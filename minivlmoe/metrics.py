@@ -133,6 +133,14 @@ def bleu4(hypotheses, references):
     order), the geometric mean is 0 and so is BLEU: no smoothing, as in the standard
     corpus BLEU.  Returns a float in [0, 1] (not multiplied by 100).
 
+    Its exact equivalent is ``sacrebleu.corpus_bleu([" ".join(h) for h in hypotheses],
+    [[" ".join(r) for r in references]], tokenize="none", smooth_method="none").score
+    / 100`` (same clipping, pooled counts, brevity penalty with BP = 1 at c = r, and 0
+    when any p_n is 0; checked to 1e-15 on 2,000 random short corpora with sacrebleu
+    2.6.0).  sacrebleu's default ``smooth_method="exp"`` differs whenever some p_n is 0,
+    which is common on short corpora: ``["the the the the"]`` against ``["the cat"]``
+    scores 0 here and 15.97 there.
+
     Parameters
     ----------
     hypotheses, references : lists of token lists (``list[list[str]]``), same length.
