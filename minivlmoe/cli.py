@@ -299,7 +299,7 @@ def build_parser():
 
     p = sub.add_parser("train", help="train on the built-in image-caption world",
                        description="Train on the built-in image-caption world. Writes "
-                       "DIR/config.json, DIR/metrics.jsonl and DIR/ckpt.npz.")
+                       "DIR/config.json, DIR/metrics.jsonl, DIR/history.jsonl and DIR/ckpt.npz.")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="model size, steps and data (default: default)")
     p.add_argument("--steps", type=_positive_int, help="optimizer steps (preset's by default)")
