@@ -7,6 +7,7 @@ train       train on the built-in image-caption world (presets tiny, default, la
 eval        evaluate a checkpoint on its run's test split.
 caption     greedy captions of test images, next to the reference captions.
 retrieve    the test images that best match a caption.
+plot        the training losses and evaluations of run folders (text, or a PNG).
 
 Exit status: 0 success, 1 a failed check or an expected failure (one line on
 stderr, ``minivlmoe: error: <what> (<path or value>)``, no traceback), 2 bad
@@ -235,8 +236,8 @@ def cmd_caption(args):
             import matplotlib.pyplot as plt
         except ImportError:
             return _fail("--png needs matplotlib, which is not installed "
-                         "(pip install matplotlib, or pip install minivlmoe[plot]); "
-                         "the captions above were printed")
+                         "(from the checkout: pip install -e '.[plot]'; or pip install "
+                         "matplotlib); the captions above were printed")
         cols = min(4, n)
         rows = -(-n // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
@@ -285,6 +286,26 @@ def cmd_retrieve(args):
     return 0
 
 
+def cmd_plot(args):
+    from . import plot
+
+    try:
+        runs = [plot.load_run(path) for path in args.runs]
+    except (OSError, ValueError) as e:
+        return _fail(str(e))
+    print(plot.summary(runs))
+    if not args.png:
+        return 0
+    try:
+        plot.plot_runs(runs, args.png)
+    except ImportError:
+        return _fail(f"--png needs matplotlib, which is not installed (from the checkout: "
+                     f"{plot.PLOT_EXTRA}; or pip install matplotlib); the summary above "
+                     f"was printed")
+    print(f"saved {args.png}")
+    return 0
+
+
 def _int_at_least(low):
     """An argparse type: an integer >= ``low`` (a usage error otherwise)."""
     def parse(text):
@@ -326,7 +347,7 @@ def build_parser():
 
     p = sub.add_parser("train", help="train on the built-in image-caption world",
                        description="Train on the built-in image-caption world. Writes "
-                       "DIR/config.json, DIR/metrics.jsonl and DIR/ckpt.npz.")
+                       "DIR/config.json, DIR/metrics.jsonl, DIR/history.jsonl and DIR/ckpt.npz.")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="model size, steps and data (default: default)")
     p.add_argument("--steps", type=_positive_int, help="optimizer steps (preset's by default)")
@@ -368,6 +389,14 @@ def build_parser():
     p.add_argument("--top", type=_positive_int, default=5, help="number of images (5)")
     p.add_argument("--ascii", action="store_true", help="draw the best image as text")
     p.set_defaults(func=cmd_retrieve)
+
+    p = sub.add_parser("plot", help="training losses and evaluations of run folders",
+                       description="Print a summary of each run folder's history.jsonl "
+                       "and metrics.jsonl; with --png, draw them (several runs overlaid).")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="a run folder (DIR of train --out)")
+    p.add_argument("--png", metavar="FILE",
+                   help="save the figure as a PNG (needs matplotlib: pip install -e '.[plot]')")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 

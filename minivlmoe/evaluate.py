@@ -8,7 +8,11 @@ What is measured (definitions of the metrics themselves: minivlmoe/metrics.py)
   captions has the image's caption *text*; text-to-image the converse.  The keys given
   to :func:`metrics.retrieval_recall` are caption-text ids (:func:`caption_keys`), so
   when two test images share the caption "a small red circle" either caption is a
-  correct answer for either image.  ``heldout_*`` repeats the same with only the
+  correct answer for either image.  Image-to-text ranks *distinct* caption texts
+  (``distinct_texts=True``, the default: the test split repeats many captions, and
+  counting each copy of a wrong caption as its own rank would push the right one out
+  of the top 5 by duplication alone); text-to-image ranks the images, one query per
+  caption row.  ``heldout_*`` repeats the same with only the
   held-out-combination images (or their captions) as *queries*, still searching the
   whole test split.
 * **zero-shot attributes** -- for the test images with exactly one object, each

@@ -15,6 +15,20 @@ correct item's score ranks ahead of it.  The query is a hit at k when fewer than
 incorrect items rank ahead.  A model that outputs a constant similarity therefore
 scores no better than its worst case, instead of winning every tie.  A query with no
 correct item at all counts as a miss.
+
+Distinct texts (the default, ``distinct_texts=True``)
+-----------------------------------------------------
+Image-to-text recall ranks *distinct caption texts*, not caption rows: the texts with
+one key form one item whose score is the best score of its copies (identical texts
+have identical embeddings, so this is ranking the unique rows), and an image is a hit
+at k when its caption text is among the k best distinct texts.  Counting every copy
+(``distinct_texts=False``, the per-item ranking) lets one wrong caption that occurs
+ten times push the right one out of the top 5 by itself, so that R@5 can equal R@1 on
+templated captions.  Text-to-image recall is the same under both: its items are
+images, which are never copies of one another, and each caption row stays one query
+(a text with m copies weighs as its m pairs, as every image weighs once in
+image-to-text).  With no duplicate texts the two definitions agree; at k = 1 they
+always agree (no incorrect copy ahead <=> no incorrect text ahead).
 """
 
 from __future__ import annotations
@@ -44,7 +58,15 @@ def _hits(sim, correct, ks):
     return {k: float(np.mean(has_correct & (ahead < k))) for k in ks}
 
 
-def retrieval_recall(sim, img_keys, txt_keys, ks=(1, 5)):
+def _max_over_copies(sim, txt_keys):
+    """(Ni, U) best score of each distinct key among the columns, and the (U,) keys."""
+    uniq, inverse = np.unique(txt_keys, return_inverse=True)          # (U,), (Nt,)
+    order = np.argsort(inverse.reshape(-1), kind="stable")             # (Nt,) columns by key
+    starts = np.searchsorted(inverse.reshape(-1)[order], np.arange(uniq.size))  # (U,)
+    return np.maximum.reduceat(sim[:, order], starts, axis=1), uniq    # (Ni, U), (U,)
+
+
+def retrieval_recall(sim, img_keys, txt_keys, ks=(1, 5), *, distinct_texts=True):
     """Image-to-text and text-to-image recall@k with pessimistic ties.
 
     Parameters
@@ -53,6 +75,9 @@ def retrieval_recall(sim, img_keys, txt_keys, ks=(1, 5)):
     img_keys : (Ni,) caption key of each image (ints or strings).
     txt_keys : (Nt,) caption key of each text.
     ks : tuple of ints >= 1.
+    distinct_texts : image-to-text ranks distinct texts (the texts of one key are one
+        item scored by their best copy; the module docstring) if True, every text
+        column if False.  Text-to-image is the same either way.
 
     Returns
     -------
@@ -69,7 +94,11 @@ def retrieval_recall(sim, img_keys, txt_keys, ks=(1, 5)):
                      for k in ks):
         raise ValueError(f"ks must be a non-empty tuple of ints >= 1, got {ks!r}")
     correct = img_keys[:, None] == txt_keys[None, :]                     # (Ni, Nt)
-    i2t = _hits(sim, correct, ks)                                        # queries: images
+    if distinct_texts:                                                   # items: texts
+        text_sim, text_keys = _max_over_copies(sim, txt_keys)           # (Ni, U), (U,)
+        i2t = _hits(text_sim, img_keys[:, None] == text_keys[None, :], ks)
+    else:                                                                # items: columns
+        i2t = _hits(sim, correct, ks)                                    # queries: images
     t2i = _hits(sim.T, correct.T, ks)                                    # queries: texts
     out = {}
     for k in ks:
@@ -103,6 +132,14 @@ def bleu4(hypotheses, references):
     reference lengths.  If any p_n is 0 (or the hypotheses hold no n-grams of some
     order), the geometric mean is 0 and so is BLEU: no smoothing, as in the standard
     corpus BLEU.  Returns a float in [0, 1] (not multiplied by 100).
+
+    Its exact equivalent is ``sacrebleu.corpus_bleu([" ".join(h) for h in hypotheses],
+    [[" ".join(r) for r in references]], tokenize="none", smooth_method="none").score
+    / 100`` (same clipping, pooled counts, brevity penalty with BP = 1 at c = r, and 0
+    when any p_n is 0; checked to 1e-15 on 2,000 random short corpora with sacrebleu
+    2.6.0).  sacrebleu's default ``smooth_method="exp"`` differs whenever some p_n is 0,
+    which is common on short corpora: ``["the the the the"]`` against ``["the cat"]``
+    scores 0 here and 15.97 there.
 
     Parameters
     ----------

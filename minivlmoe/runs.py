@@ -11,15 +11,18 @@ The run folder
 :func:`parse_run_config`; the same dict is stored in every checkpoint).
 ``DIR/metrics.jsonl`` holds one JSON line per evaluation (:func:`append_jsonl`,
 :func:`read_metrics`; :func:`truncate_metrics` drops the lines written after the
-checkpoint a resumed run continues from).  ``DIR/ckpt.npz`` is the checkpoint
-(:mod:`minivlmoe.checkpoint`); :func:`load_checkpoint` also checks it against a
-freshly initialized model of its config.  The training loop that writes these files
-is :mod:`minivlmoe.train`.
+checkpoint a resumed run continues from).  ``DIR/history.jsonl`` holds one JSON line
+per training step (step, lr, grad_norm and the losses), written in blocks at every
+checkpoint, so it always ends at the checkpoint's step; :func:`read_history`,
+:func:`truncate_history` keep it at one line per step 1..N across resumes.
+``DIR/ckpt.npz`` is the checkpoint (:mod:`minivlmoe.checkpoint`); :func:`load_checkpoint`
+also checks it against a freshly initialized model of its config.  The training loop
+that writes these files is :mod:`minivlmoe.train`.
 
 Crash safety: config.json and ckpt.npz are replaced atomically
-(:func:`minivlmoe.checkpoint.atomic_write`), metrics.jsonl is appended one whole line
-per ``write`` and ``fsync``ed, so a kill or a power cut leaves at worst a torn last
-line, which :func:`read_metrics` drops; the temporary files of killed writes are
+(:func:`minivlmoe.checkpoint.atomic_write`), metrics.jsonl and history.jsonl are appended
+in whole lines per ``write`` and ``fsync``ed, so a kill or a power cut leaves at worst a
+torn last line, which :func:`read_jsonl` drops; the temporary files of killed writes are
 removed by the next write and on resume (:func:`remove_run_temps`).
 """
 
@@ -47,6 +50,7 @@ RUN_FORMAT = "minivlmoe-run"
 RUN_VERSION = 2                  # 2: the params key log_temp became log_logit_scale
 CKPT_NAME = "ckpt.npz"
 METRICS_NAME = "metrics.jsonl"
+HISTORY_NAME = "history.jsonl"
 CONFIG_NAME = "config.json"
 
 
@@ -397,20 +401,23 @@ def remove_run_temps(out_dir):
     """Delete the temporary files killed writes of the run folder's files left behind.
 
     Only the names :func:`minivlmoe.checkpoint.atomic_write` gives the temporary files of
-    DIR/ckpt.npz, DIR/config.json and DIR/metrics.jsonl (``.ckpt.npz.<12 hex>.tmp``, ...)
-    are removed; every other file stays.  Returns the removed names.
+    DIR/ckpt.npz, DIR/config.json, DIR/metrics.jsonl and DIR/history.jsonl
+    (``.ckpt.npz.<12 hex>.tmp``, ...) are removed; every other file stays.  Returns the
+    removed names.
     """
-    return [name for file in (CKPT_NAME, CONFIG_NAME, METRICS_NAME)
+    return [name for file in (CKPT_NAME, CONFIG_NAME, METRICS_NAME, HISTORY_NAME)
             for name in checkpoint.remove_stale_temps(os.path.join(out_dir, file))]
 
 
 def new_run_folder(out_dir, config):
-    """Start a run in ``out_dir``: config.json written, metrics.jsonl empty, no checkpoint.
+    """Start a run in ``out_dir``: config.json written, metrics and history empty, no
+    checkpoint.
 
     The folder is created if needed; stale temporary files are removed
     (:func:`remove_run_temps`), an earlier run's checkpoint is deleted first (so a crash
     before the first save cannot pair the new config.json with an old checkpoint), then
-    config.json and an empty metrics.jsonl are each written atomically.
+    config.json, an empty metrics.jsonl and an empty history.jsonl are each written
+    atomically.
     """
     os.makedirs(out_dir, exist_ok=True)
     remove_run_temps(out_dir)
@@ -419,17 +426,21 @@ def new_run_folder(out_dir, config):
     checkpoint.atomic_write(os.path.join(out_dir, CONFIG_NAME),
                             (json.dumps(config, indent=2) + "\n").encode("utf-8"))
     checkpoint.atomic_write(os.path.join(out_dir, METRICS_NAME), b"")
+    checkpoint.atomic_write(os.path.join(out_dir, HISTORY_NAME), b"")
 
 
 def append_jsonl(path, record):
-    """Append ``record`` as one JSON line to ``path`` and flush it to disk.
+    """Append ``record`` (a dict, or a list of dicts) as JSON lines to ``path`` and flush
+    them to disk.
 
-    The whole line goes out in one ``write`` on a file opened for appending (a loop only
-    if the system writes part of it, e.g. on a full disk), then ``fsync``: a crash can
-    tear only this last line, which :func:`read_metrics` then drops.  A record that is
-    not JSON (NaN, ...) raises before the file is opened.
+    All the lines go out in one ``write`` on a file opened for appending (a loop only if
+    the system writes part of it, e.g. on a full disk), then one ``fsync``: a crash can
+    tear only the last line, which :func:`read_jsonl` then drops.  A record that is not
+    JSON (NaN, ...) raises before the file is opened.
     """
-    line = memoryview((json.dumps(record, allow_nan=False) + "\n").encode("utf-8"))
+    records = [record] if isinstance(record, dict) else list(record)
+    text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
+    line = memoryview(text.encode("utf-8"))
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0),
                  0o666)
     try:
@@ -440,15 +451,14 @@ def append_jsonl(path, record):
         os.close(fd)
 
 
-def read_metrics(out_dir):
-    """The records of DIR/metrics.jsonl (empty list if none), a torn last line dropped.
+def read_jsonl(path):
+    """The records of a JSON-lines file (empty list if none), a torn last line dropped.
 
     A last line that is not valid JSON is what a crash while appending leaves (a prefix
     of the record, or zeros after a power cut); it is dropped.  Any other line that is
     not a JSON object with an integer ``step`` raises :class:`MetricsError` naming the
     file and the line number.  Blank lines are skipped.
     """
-    path = os.path.join(out_dir, METRICS_NAME)
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -473,11 +483,31 @@ def read_metrics(out_dir):
     return records
 
 
-def truncate_metrics(out_dir, step):
-    """Drop records past ``step`` (written after the checkpoint we resume from).
+def read_metrics(out_dir):
+    """The records of DIR/metrics.jsonl (empty list if none)."""
+    return read_jsonl(os.path.join(out_dir, METRICS_NAME))
 
-    Also drops a torn last line (:func:`read_metrics`); the file is rewritten atomically.
+
+def read_history(out_dir):
+    """The per-step records of DIR/history.jsonl (empty list if none)."""
+    return read_jsonl(os.path.join(out_dir, HISTORY_NAME))
+
+
+def truncate_metrics(out_dir, step):
+    """Drop records past ``step`` (written after the checkpoint we resume from)."""
+    truncate_jsonl(os.path.join(out_dir, METRICS_NAME), step)
+
+
+def truncate_history(out_dir, step):
+    """Keep DIR/history.jsonl's lines of steps 1..``step`` (the checkpoint's)."""
+    truncate_jsonl(os.path.join(out_dir, HISTORY_NAME), step)
+
+
+def truncate_jsonl(path, step):
+    """Rewrite ``path`` without the records whose ``"step"`` is past ``step``.
+
+    Also drops a torn last line (:func:`read_jsonl`); the file is rewritten atomically.
     """
-    records = [r for r in read_metrics(out_dir) if r["step"] <= step]
+    records = [r for r in read_jsonl(path) if r["step"] <= step]
     text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
-    checkpoint.atomic_write(os.path.join(out_dir, METRICS_NAME), text.encode("utf-8"))
+    checkpoint.atomic_write(path, text.encode("utf-8"))

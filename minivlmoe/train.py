@@ -13,7 +13,9 @@ the model from ``train_cfg.seed`` and repeats ``train_cfg.steps`` times::
 
 Every ``eval_every`` steps and at the end it runs :func:`minivlmoe.evaluate.evaluate`
 on the test split, appends one JSON line to ``DIR/metrics.jsonl`` and writes
-``DIR/ckpt.npz`` (atomically, :mod:`minivlmoe.checkpoint`).  ``DIR/config.json`` holds
+``DIR/ckpt.npz``; just before, the steps since the last checkpoint go to
+``DIR/history.jsonl`` (one line per step: lr, grad_norm and the losses), so the history
+ends at the checkpoint's step and a resume truncates it to that step, like metrics.jsonl (atomically, :mod:`minivlmoe.checkpoint`).  ``DIR/config.json`` holds
 the run's configuration (the configurations, presets and files: :mod:`minivlmoe.runs`).  A progress line goes to stderr at most every
 ``PROGRESS_EVERY_S`` seconds.
 
@@ -83,9 +85,9 @@ import numpy as np
 from . import checkpoint, evaluate, model, optim
 from ._checks import check_int
 from .data import minibatch_indices
-from .runs import (CKPT_NAME, METRICS_NAME, TrainConfig, append_jsonl, builtin_tokenizer,
-                   load_checkpoint, make_data, new_run_folder, remove_run_temps,
-                   run_config, truncate_metrics)
+from .runs import (CKPT_NAME, HISTORY_NAME, METRICS_NAME, TrainConfig, append_jsonl,
+                   builtin_tokenizer, load_checkpoint, make_data, new_run_folder,
+                   remove_run_temps, run_config, truncate_history, truncate_metrics)
 from .timing import NULL_TIMER
 from .tokenizer import PAD_ID
 
@@ -412,10 +414,12 @@ def train(model_cfg, train_cfg, out_dir=None, *, resume=False, stop_at=None,
 
     ckpt_path = None if out_dir is None else os.path.join(out_dir, CKPT_NAME)
     metrics_path = None if out_dir is None else os.path.join(out_dir, METRICS_NAME)
+    history_path = None if out_dir is None else os.path.join(out_dir, HISTORY_NAME)
     if resume:
         remove_run_temps(out_dir)                  # left by writes a kill interrupted
         state = _resumed_state(ckpt_path, config, train_cfg, len(ids))
         truncate_metrics(out_dir, state.step)      # also drops a torn last line
+        truncate_history(out_dir, state.step)
     else:
         state = _fresh_state(model_cfg, train_cfg, len(ids))
         if out_dir is not None:
@@ -431,6 +435,7 @@ def train(model_cfg, train_cfg, out_dir=None, *, resume=False, stop_at=None,
     history, evaluations = [], []
     check, clips = _DivergenceCheck(), _ClipMonitor(adamw.max_grad_norm)
     saved_step = state.step if resume else None        # the checkpoint on disk
+    written = 0                                 # history[:written] is in history.jsonl
 
     def diverged(step, problem, loss=None):
         kept = ckpt_path if saved_step is not None else None
@@ -489,11 +494,15 @@ def train(model_cfg, train_cfg, out_dir=None, *, resume=False, stop_at=None,
             evaluations.append(record)
             bar.evaluation(record)
             if out_dir is not None:
+                append_jsonl(history_path, history[written:])
+                written = len(history)
                 append_jsonl(metrics_path, record)
                 state.save(ckpt_path, config, elapsed())
                 saved_step = state.step
         elif out_dir is not None and state.step == last:
             clips.report(state.step, progress)
+            append_jsonl(history_path, history[written:])
+            written = len(history)
             state.save(ckpt_path, config, elapsed())    # stop_at: a checkpoint to resume
     return TrainResult(params=state.params, opt_state=state.opt_state, step=state.step,
                        history=history, evaluations=evaluations,

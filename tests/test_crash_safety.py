@@ -197,8 +197,8 @@ def test_resume_removes_the_run_folders_stale_temps_and_nothing_else(tmp_path):
     rest = train.train(mcfg, tcfg, tmp_path, resume=True, stop_at=2, progress=None)
     assert rest.history == []                             # nothing trained, nothing saved
     assert sorted(os.listdir(tmp_path)) == sorted(
-        [runs.CKPT_NAME, runs.CONFIG_NAME, runs.METRICS_NAME, ".metrics.jsonl.tmp",
-         *LOOKALIKES])
+        [runs.CKPT_NAME, runs.CONFIG_NAME, runs.METRICS_NAME, runs.HISTORY_NAME,
+         ".metrics.jsonl.tmp", *LOOKALIKES])
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -231,14 +231,16 @@ def test_config_json_is_written_atomically(tmp_path, monkeypatch, target):
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
 
 
-def test_new_run_folder_writes_config_and_empty_metrics_and_drops_an_old_checkpoint(tmp_path):
+def test_new_run_folder_writes_config_and_empty_metrics_and_history_and_drops_an_old_checkpoint(tmp_path):
     mcfg, tcfg = tiny(steps=2)
     train.train(mcfg, tcfg, tmp_path, progress=None)
     config = runs.run_config(*tiny(steps=3), runs.builtin_tokenizer())
     runs.new_run_folder(tmp_path, config)
-    assert sorted(os.listdir(tmp_path)) == [runs.CONFIG_NAME, runs.METRICS_NAME]
+    assert sorted(os.listdir(tmp_path)) == sorted([runs.CONFIG_NAME, runs.METRICS_NAME,
+                                                   runs.HISTORY_NAME])
     assert json.loads((tmp_path / runs.CONFIG_NAME).read_text()) == config
     assert (tmp_path / runs.METRICS_NAME).read_bytes() == b""
+    assert (tmp_path / runs.HISTORY_NAME).read_bytes() == b""
 
 
 # ----------------------------------------------------------------------------- kill loop

@@ -30,10 +30,70 @@ def test_recall_matches_naive_loop(seed, n_img, n_txt, levels, n_keys):
     sim = rng.integers(0, levels, (n_img, n_txt)).astype(np.float64)  # few levels: many ties
     img_keys = rng.integers(0, n_keys, n_img)                           # duplicate captions
     txt_keys = rng.integers(0, n_keys + 1, n_txt)                       # some match no image
-    got = retrieval_recall(sim, img_keys, txt_keys, ks=(1, 2, 5))
+    got = retrieval_recall(sim, img_keys, txt_keys, ks=(1, 2, 5), distinct_texts=False)
     for k in (1, 2, 5):
         assert got[f"i2t_r{k}"] == pytest.approx(naive_recall(sim, img_keys, txt_keys, k))
         assert got[f"t2i_r{k}"] == pytest.approx(naive_recall(sim.T, txt_keys, img_keys, k))
+
+
+def naive_distinct_recall(sim, img_keys, txt_keys, k):
+    """Image-to-text over distinct texts: each key scored by its best copy, keys sorted
+    by score with incorrect before correct among equals, the image's key in the first k."""
+    hits = 0
+    for q in range(sim.shape[0]):
+        best = {}
+        for j in range(sim.shape[1]):
+            best[txt_keys[j]] = max(best.get(txt_keys[j], -math.inf), sim[q, j])
+        order = sorted(best, key=lambda key: (-best[key], key == img_keys[q]))
+        hits += img_keys[q] in order[:k]
+    return hits / sim.shape[0]
+
+
+@given(seed=st.integers(0, 2**32 - 1), n_img=st.integers(1, 7), n_txt=st.integers(1, 12),
+       levels=st.sampled_from([2, 3, 100]), n_keys=st.integers(1, 4))
+def test_distinct_recall_matches_naive_loop(seed, n_img, n_txt, levels, n_keys):
+    rng = np.random.default_rng(seed)
+    sim = rng.integers(0, levels, (n_img, n_txt)).astype(np.float64)  # few levels: many ties
+    img_keys = rng.integers(0, n_keys, n_img)
+    txt_keys = rng.integers(0, n_keys + 1, n_txt)                       # many copies per key
+    got = retrieval_recall(sim, img_keys, txt_keys, ks=(1, 2, 5))
+    per_item = retrieval_recall(sim, img_keys, txt_keys, ks=(1, 2, 5), distinct_texts=False)
+    for k in (1, 2, 5):
+        assert got[f"i2t_r{k}"] == pytest.approx(
+            naive_distinct_recall(sim, img_keys, txt_keys, k))
+        # text-to-image: items are images; each caption row is one query, as before
+        assert got[f"t2i_r{k}"] == pytest.approx(naive_recall(sim.T, txt_keys, img_keys, k))
+        assert got[f"t2i_r{k}"] == per_item[f"t2i_r{k}"]
+    assert got["i2t_r1"] == per_item["i2t_r1"]       # at k = 1 the definitions agree
+
+
+def test_distinct_recall_with_heavy_duplication():
+    # 30 images, 3 distinct caption texts, each text 10 times; identical texts have
+    # identical embeddings, so their columns of sim are identical.
+    rng = np.random.default_rng(0)
+    keys = np.repeat(["a red circle", "a blue square", "a green triangle"], 10)
+    img = rng.normal(size=(30, 8)) + 3 * np.eye(8)[np.repeat([0, 1, 2], 10)]  # (30, 8)
+    txt_of_key = rng.normal(size=(3, 8)) + 3 * np.eye(8)[[2, 0, 1]]            # (3, 8)
+    txt = txt_of_key[np.repeat([0, 1, 2], 10)]                                  # (30, 8)
+    sim = img @ txt.T                                                           # (30, 30)
+    got = retrieval_recall(sim, keys, keys, ks=(1, 2, 3, 5))
+    per_item = retrieval_recall(sim, keys, keys, ks=(1, 2, 3, 5), distinct_texts=False)
+    for k in (1, 2, 3, 5):
+        assert got[f"i2t_r{k}"] == pytest.approx(naive_distinct_recall(sim, keys, keys, k))
+        assert per_item[f"i2t_r{k}"] == pytest.approx(naive_recall(sim, keys, keys, k))
+    assert got["i2t_r3"] == 1.0                      # 3 distinct texts: always within 3
+    assert got["i2t_r1"] == per_item["i2t_r1"] < 1.0
+    assert per_item["i2t_r5"] == per_item["i2t_r1"]  # ten copies of one wrong text fill the top 5
+    assert got["i2t_r2"] > got["i2t_r1"]
+
+
+def test_distinct_texts_one_wrong_caption_with_copies():
+    sim = np.array([[0.9, 0.9, 0.9, 0.5]])           # three copies of "b" beat "a"
+    got = retrieval_recall(sim, np.array(["a"]), np.array(["b", "b", "b", "a"]), ks=(1, 2))
+    assert got["i2t_r1"] == 0.0 and got["i2t_r2"] == 1.0      # "a" is the 2nd distinct text
+    per_item = retrieval_recall(sim, np.array(["a"]), np.array(["b", "b", "b", "a"]),
+                                ks=(1, 2, 4), distinct_texts=False)
+    assert per_item["i2t_r2"] == 0.0 and per_item["i2t_r4"] == 1.0
 
 
 def test_constant_similarity_scores_nothing():
