@@ -55,7 +55,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..tree import csr_on_pattern
-from .._checks import check_array, check_float, check_int
+from .._checks import check_array, check_bool, check_float, check_int, shorten
 
 
 def capacity(num_tokens, num_experts, k, capacity_factor):
@@ -80,6 +80,8 @@ def priority_order(top1_probs, bpr):
     Routing, V-MoE): decreasing top-1 router probability; a stable sort, so equal
     priorities keep token order.
     """
+    check_array("top1_probs", top1_probs, ndim=1, axes="(N,)")
+    bpr = check_bool("bpr", bpr)
     n = top1_probs.shape[0]
     if not bpr:
         return np.arange(n)                                      # (N,)
@@ -152,6 +154,17 @@ def make_plan(experts, num_experts, capacity, order):
     if n and (experts.min() < 0 or experts.max() >= num_experts):
         raise ValueError(f"experts must be in [0, {num_experts - 1}], got values in "
                          f"[{experts.min()}, {experts.max()}]")
+    if k > 1 and n:                                              # a token picks an expert once
+        row_sorted = np.sort(experts, axis=1)                    # (N, K)
+        dup = np.flatnonzero(np.any(row_sorted[:, 1:] == row_sorted[:, :-1], axis=1))
+        if dup.size:
+            raise ValueError(f"experts must hold K distinct experts per token, got row "
+                             f"{int(dup[0])} = {shorten(experts[dup[0]].tolist())}")
+    check_array("order", order, ndim=1, axes="(N,)", dtype_kind="i")
+    if order.shape != (n,) or (n and (order.min() < 0 or order.max() >= n
+                                      or np.any(np.bincount(order, minlength=n) != 1))):
+        raise ValueError(f"order must be a permutation of the {n} tokens, got "
+                         f"{shorten(order.tolist())}")
     ids = np.arange(num_experts)                                 # (E,)
     position = np.empty((n, k), dtype=np.int64)                  # (N, K)
     filled = np.zeros(num_experts, dtype=np.int64)               # (E,) queue lengths so far

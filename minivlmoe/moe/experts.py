@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..ops import ffn
-from .._checks import check_array
+from .._checks import check_array, shorten
 from ..tree import zeros_like
 
 
@@ -61,12 +61,17 @@ def forward(xs, offsets, params):
     cache : Cache
     """
     check_array("xs", xs, ndim=2, axes="(M, D)")
+    check_array("offsets", offsets, ndim=1, axes="(E+1,)", dtype_kind="i")
+    if offsets.shape[0] < 2 or offsets[0] != 0 or offsets[-1] != xs.shape[0] \
+            or np.any(np.diff(offsets) < 0):
+        raise ValueError(f"offsets must be non-decreasing from 0 to the rows of xs "
+                         f"({xs.shape[0]}) with at least 2 entries, got "
+                         f"{shorten(offsets.tolist())}")
     names = expert_names(len(offsets) - 1)
-    if sorted(params) != sorted(names):
-        raise ValueError(f"params must have the keys {names}, got {sorted(params)}")
-    if offsets[-1] != xs.shape[0]:
-        raise ValueError(f"offsets[-1] must equal the rows of xs ({xs.shape[0]}), "
-                         f"got {offsets[-1]}")
+    if not isinstance(params, dict) or sorted(params) != sorted(names):
+        got = sorted(map(str, params)) if isinstance(params, dict) else type(params).__name__
+        raise ValueError(f"params must have the keys {shorten(names)} (one per expert of "
+                         f"offsets), got {shorten(got)}")
     ys = np.empty_like(xs, order="C")                            # (M, D)
     caches = []
     for e, name in enumerate(names):                             # loop over experts only

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import gelu, sparse_linear
+from .._checks import check_params
 
 
 def init(rng, d, hidden, density=1.0, dtype=np.float32):
@@ -68,6 +69,7 @@ def forward(x, params):
     y : (..., D), dtype of ``x``.
     cache : Cache
     """
+    check_params("params", params, ("fc1", "fc2"))
     a, c1 = sparse_linear.forward(x, params["fc1"])             # (..., F)
     h, ca = gelu.forward(a)                                      # (..., F)
     y, c2 = sparse_linear.forward(h, params["fc2"])             # (..., D)
