@@ -70,6 +70,8 @@ class Tokenizer:
     def __init__(self, words):
         if isinstance(words, str):
             raise TypeError("words must be an iterable of str, got a single str")
+        if not hasattr(words, "__iter__"):
+            raise TypeError(f"words must be an iterable of str, got {type(words).__name__}")
         words = list(words)
         for i, word in enumerate(words):
             if not isinstance(word, str):

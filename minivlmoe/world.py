@@ -161,6 +161,8 @@ class World:
     def splits(self, seed=0, n_train=4096, n_test=512):
         """Train and test splits from two independent streams of ``seed``."""
         seed = check_int("seed", seed, 0)
+        check_int("n_train", n_train, 1)
+        check_int("n_test", n_test, 1)
         train_ss, test_ss = np.random.SeedSequence(seed).spawn(2)
         train = self.sample(n_train, np.random.default_rng(train_ss), split="train")
         test = self.sample(n_test, np.random.default_rng(test_ss), split="test")

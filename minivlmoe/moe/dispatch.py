@@ -223,6 +223,11 @@ def combine_matrix(plan, gates):
     return csr_on_pattern(gates.reshape(-1)[plan.entry_src], plan.indices, plan.indptr, (n, m))
 
 
+def _check_plan(plan):
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a Plan from make_plan, got {type(plan).__name__}")
+
+
 class DispatchCache(NamedTuple):
     """``plan``: the Plan (the pattern of ``Disp``); ``dtype``: of ``x``."""
 
@@ -244,6 +249,7 @@ def dispatch_forward(x, plan):
     cache : DispatchCache
     """
     check_array("x", x, ndim=2, axes="(N, D)")
+    _check_plan(plan)
     if x.shape[0] != plan.kept.shape[0]:
         raise ValueError(f"x must have {plan.kept.shape[0]} rows (N of the plan), "
                          f"got shape {x.shape}")
@@ -281,6 +287,7 @@ def combine_forward(ys, gates, plan):
     y : (N, D); a token whose every assignment was dropped gets an exact zero row.
     cache : CombineCache
     """
+    _check_plan(plan)
     n, k = plan.kept.shape
     check_array("ys", ys, ndim=2, axes="(M, D)")
     check_array("gates", gates, ndim=2, axes="(N, K)")

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..ops import ffn
-from .._checks import check_array, shorten
+from .._checks import check_array, check_csr, check_int, check_params, check_same_dtype, shorten
 from ..tree import zeros_like
 
 
@@ -32,6 +32,7 @@ def expert_names(num_experts):
 
 def init(rng, d, hidden, num_experts, density=1.0, dtype=np.float32):
     """``{"e0": ffn params, ..., "e{E-1}": ffn params}``, each with its own pattern."""
+    num_experts = check_int("num_experts", num_experts, 1)
     return {name: ffn.init(rng, d, hidden, density, dtype) for name in expert_names(num_experts)}
 
 
@@ -72,6 +73,14 @@ def forward(xs, offsets, params):
         got = sorted(map(str, params)) if isinstance(params, dict) else type(params).__name__
         raise ValueError(f"params must have the keys {shorten(names)} (one per expert of "
                          f"offsets), got {shorten(got)}")
+    for name in names:                                           # O(E): widths and dtypes
+        check_params(f"params['{name}']", params[name], ("fc1", "fc2"))
+        check_params(f"params['{name}']['fc1']", params[name]["fc1"], ("W", "b"))
+        w1 = check_csr(f"params['{name}']['fc1']['W']", params[name]["fc1"]["W"])
+        if w1.shape[1] != xs.shape[1]:
+            raise ValueError(f"xs must have shape (M, D={w1.shape[1]}) (the width of "
+                             f"params['{name}']['fc1']['W']), got {xs.shape}")
+        check_same_dtype("xs", xs, f"params['{name}']['fc1']['W']", w1)
     ys = np.empty_like(xs, order="C")                            # (M, D)
     caches = []
     for e, name in enumerate(names):                             # loop over experts only

@@ -48,7 +48,7 @@ from typing import Mapping, NamedTuple
 import numpy as np
 
 from . import aux_losses, dispatch, experts, router
-from .._checks import (check_array, check_bool, check_choice, check_float, check_int,
+from .._checks import (check_array, check_bool, check_choice, check_csr, check_float, check_int,
                        check_dtype, check_params, check_same_dtype, shorten)
 from ..tree import zeros_like
 
@@ -354,6 +354,7 @@ def forward(x, params, config, modality=None, *, rng=None, train=False):
         where = "params" if name == "shared" else f"params['{name}']"
         check_params(where, pool, ("router", "experts"))
         check_params(f"{where}['router']", pool["router"], ("W", "b"))
+        check_csr(f"{where}['router']['W']", pool["router"]["W"])
         w = pool["router"]["W"]
         if w.shape != (config.num_experts, d):
             raise ValueError(f"params router W must have shape ({config.num_experts}, {d}) "

@@ -44,12 +44,14 @@ from typing import NamedTuple
 import numpy as np
 
 from ..ops import softmax, sparse_linear
-from .._checks import (check_array, check_bool, check_float, check_params, check_same_dtype,
-                       shorten)
+from .._checks import (check_array, check_bool, check_csr, check_float, check_int, check_params,
+                       check_same_dtype, shorten)
 
 
 def init(rng, d, num_experts, density=1.0, dtype=np.float32):
     """Router params ``{"W": csr_array (E, D), "b": zeros (E,)}`` (a sparse linear layer)."""
+    check_int("d", d, 1)
+    check_int("num_experts", num_experts, 1)
     return sparse_linear.init(rng, d, num_experts, density, dtype)
 
 
@@ -143,6 +145,7 @@ def forward(x, params, k, renormalize=True, noise=None):
     check_array("x", x, ndim=2, axes="(N, D)")
     renormalize = check_bool("renormalize", renormalize)
     check_params("params", params, ("W", "b"))
+    check_csr("params['W']", params["W"])
     num_experts = params["W"].shape[0]
     k = check_k(k, num_experts)
     logits, lin_cache = sparse_linear.forward(x, params)         # (N, E) transposed view

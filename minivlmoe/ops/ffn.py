@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import gelu, sparse_linear
-from .._checks import check_params
+from .._checks import check_int, check_params
 
 
 def init(rng, d, hidden, density=1.0, dtype=np.float32):
@@ -43,6 +43,8 @@ def init(rng, d, hidden, density=1.0, dtype=np.float32):
     density : float in (0, 1], stored fraction of each weight row.
     dtype : numpy.float32 or numpy.float64.
     """
+    check_int("d", d, 1)
+    check_int("hidden", hidden, 1)
     return {"fc1": sparse_linear.init(rng, d, hidden, density, dtype),
             "fc2": sparse_linear.init(rng, hidden, d, density, dtype)}
 
