@@ -113,7 +113,8 @@ def _check_captions(name, captions, n):
             raise TypeError(f"{name}[{i}] must be a str, got {type(caption).__name__} "
                             f"{shorten(repr(caption))}")
         if not caption.strip():
-            raise ValueError(f"{name}[{i}] must be a non-empty caption, got {shorten(repr(caption))}")
+            raise ValueError(f"{name}[{i}] must be a non-empty caption, got "
+                             f"{shorten(repr(caption))}")
     return list(captions)
 
 

@@ -74,8 +74,8 @@ def retrieval_recall(sim, img_keys, txt_keys, ks=(1, 5)):
     img_keys = _check_keys("img_keys", img_keys, n_img, "rows Ni")
     txt_keys = _check_keys("txt_keys", txt_keys, n_txt, "columns Nt")
     ks = tuple(ks) if isinstance(ks, (list, tuple)) else ks
-    if not isinstance(ks, tuple) or not ks or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1
-                     for k in ks):
+    if not isinstance(ks, tuple) or not ks or any(
+            isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in ks):
         raise ValueError(f"ks must be a non-empty tuple of ints >= 1, got {shorten(repr(ks))}")
     correct = img_keys[:, None] == txt_keys[None, :]                     # (Ni, Nt)
     i2t = _hits(sim, correct, ks)                                        # queries: images

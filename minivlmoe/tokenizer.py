@@ -81,7 +81,8 @@ class Tokenizer:
                                  f"mark and not a special token, got {shorten(repr(word))}")
         if len(set(words)) != len(words):
             dup = next(w for w in words if words.count(w) > 1)
-            raise ValueError(f"words must not repeat a word, got {shorten(repr(dup))} more than once")
+            raise ValueError(f"words must not repeat a word, got {shorten(repr(dup))} more "
+                             f"than once")
         self.vocab = list(SPECIALS) + words                  # id -> token string
         self.ids = {tok: i for i, tok in enumerate(self.vocab)}  # token string -> id
 

@@ -228,7 +228,8 @@ def b_token_embed(rng, a, b):
 
 
 def b_attention(rng, a, b):
-    return dict(x=rng.standard_normal((a, 3, 4)), params=attention.init(rng, 4, 2, 1.0, np.float64),
+    return dict(x=rng.standard_normal((a, 3, 4)),
+                params=attention.init(rng, 4, 2, 1.0, np.float64),
                 heads=2, mask=attention.make_mask(np.ones((a, 3), dtype=bool)))
 
 
@@ -669,3 +670,105 @@ def test_table_covers_every_mutation_kind():
     for kind in ("None", "rank+1", "dtype int64", "dtype bool", "dtype object",
                  "dtype complex128", "dtype float16", "nan", "inf", "empty", "shape+1", "str"):
         assert kind in labels, kind
+
+
+# ----------------------------------------------------------------------------- named cases
+# The silently wrong results issue 11 found, each refused by name.
+
+def test_make_plan_refuses_an_order_that_is_not_a_permutation():
+    experts_ = np.array([[0], [1], [0]])
+    for order in (np.array([0, 0, 1]), np.array([0, 1, 3]), np.array([0, 1]),
+                  np.array([2, 1, -1])):
+        with pytest.raises(ValueError, match="order must be a permutation of the 3 tokens"):
+            dispatch.make_plan(experts_, 2, 3, order)
+    plan = dispatch.make_plan(experts_, 2, 3, np.array([2, 0, 1]))
+    assert sorted(plan.slot_token.tolist()) == [0, 1, 2]
+
+
+def test_make_plan_refuses_a_token_that_picks_an_expert_twice():
+    with pytest.raises(ValueError, match=r"experts must hold K distinct experts per token, "
+                                         r"got row 1 = \[2, 2\]"):
+        dispatch.make_plan(np.array([[0, 1], [2, 2]]), 3, 2, np.arange(2))
+
+
+def test_experts_forward_refuses_bad_offsets(rng):
+    params = experts.init(rng, 3, 2, 2, 1.0, np.float64)
+    xs = rng.standard_normal((4, 3))
+    experts.forward(xs, np.array([0, 1, 4]), params)
+    for offsets in (np.array([0, 5, 4]), np.array([0, 3, 1, 4]), np.array([1, 2, 4]),
+                    np.array([0, 2, 3]), np.array([4])):
+        with pytest.raises(ValueError, match="offsets must be non-decreasing from 0"):
+            experts.forward(xs, offsets, params)
+    with pytest.raises(TypeError, match="offsets must have an integer dtype"):
+        experts.forward(xs, np.array([0.0, 1.0, 4.0]), params)
+
+
+def test_sparse_linear_refuses_nan_in_the_weight(rng):
+    for density in (1.0, 0.5, 0.05):
+        params = sparse_linear.init(rng, 40, 16, density, np.float64)
+        params["W"].data[3] = np.nan
+        with pytest.raises(ValueError, match=r"params\['W'\].data must be finite"):
+            sparse_linear.forward(rng.standard_normal((2, 40)), params)
+
+
+@pytest.mark.parametrize("flag", ["no", None, 1, 0.0])
+def test_flags_must_be_bool(rng, flag):
+    x = rng.standard_normal((4, 3))
+    with pytest.raises(TypeError, match="renormalize must be a bool"):
+        router.forward(x, router.init(rng, 3, 2, 1.0, np.float64), 1, renormalize=flag)
+    config = _moe_config()
+    params = moe_layer.init(rng, 3, 2, config, 1.0, np.float64)
+    with pytest.raises(TypeError, match="train must be a bool"):
+        moe_layer.forward(x, params, config, rng=rng, train=flag)
+    with pytest.raises(TypeError, match="bpr must be a bool"):
+        dispatch.priority_order(np.ones(3), flag)
+    with pytest.raises(TypeError, match="truncate must be a bool"):
+        _TOK.encode(["a"], truncate=flag)
+    with pytest.raises(TypeError, match="keepdims must be a bool"):
+        softmax.logsumexp(x, keepdims=flag)
+    router.forward(x, router.init(rng, 3, 2, 1.0, np.float64), 1, renormalize=np.bool_(False))
+
+
+@pytest.mark.parametrize("init", [
+    lambda dt: sparse_linear.init(np.random.default_rng(0), 2, 2, 1.0, dt),
+    lambda dt: layernorm.init(2, dt),
+    lambda dt: token_embed.init(np.random.default_rng(0), 3, 2, 2, dt),
+    lambda dt: patch_embed.init(np.random.default_rng(0), 4, 2, 1, 2, 1.0, dt),
+    lambda dt: moe_layer.init(np.random.default_rng(0), 2, 2, _moe_config(), 1.0, dt),
+    lambda dt: ImageCaptionDataset(np.zeros((1, 2, 2, 3)), ["a"]).astype(dt),
+])
+def test_init_refuses_dtype_none(init):
+    with pytest.raises(TypeError, match="dtype must be float32 or float64, got None"):
+        init(None)
+
+
+def test_model_config_needs_room_for_the_special_tokens():
+    kw = b_model_config(None, 1, 1)
+    with pytest.raises(ValueError, match=r"vocab_size must be in \[4, inf\], got 3"):
+        model.ModelConfig(**{**kw, "vocab_size": 3})
+    model.ModelConfig(**{**kw, "vocab_size": 4})
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        model.ModelConfig(**{**kw, "dtype": None})
+
+
+def test_decode_refuses_floats():
+    with pytest.raises(TypeError, match="ids must have an integer dtype, got float64"):
+        _TOK.decode([1.5, 2.0])
+    assert _TOK.decode([1, 4, 2]) == "a"
+
+
+def test_layernorm_params_none_names_the_argument(rng):
+    with pytest.raises(TypeError, match="params must be a dict with keys"):
+        layernorm.forward(rng.standard_normal((2, 3)), None)
+
+
+def test_long_values_are_shortened_in_messages():
+    long = "word " * 20000
+    for call in (lambda: _TOK.encode([long], 8), lambda: moe_layer.MoEConfig(2, mode=long),
+                 lambda: metrics.retrieval_recall(np.eye(2), [0, 1], [0, 1], ks=[long])):
+        with pytest.raises(ValueError) as info:
+            call()
+        assert len(str(info.value)) < 600, len(str(info.value))
+    from minivlmoe._checks import shorten
+    assert shorten("x" * 10) == "x" * 10
+    assert shorten("x" * 1000).startswith("x" * 200 + "... (1000 characters)")
