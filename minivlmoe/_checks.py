@@ -89,6 +89,29 @@ def check_array(name, x, *, ndim=None, axes=None, dtype_kind="f", finite=True):
     return x
 
 
+def check_cache(cache, cache_type):
+    """Require the cache a forward returned (a backward's second argument)."""
+    if not isinstance(cache, cache_type):
+        raise TypeError(f"cache must be the {cache_type.__name__} returned by forward, got "
+                        f"{type(cache).__name__}")
+    return cache
+
+
+def check_grad(name, g, shape=None, dtype=None):
+    """Require an upstream gradient: a real number when ``shape == ()``, else a float
+    array of ``shape`` (None entries match any size) and ``dtype``.  O(1): no pass over
+    ``g`` (a NaN gradient gives NaN gradients, as it should)."""
+    if shape == () and not isinstance(g, np.ndarray):
+        return check_float(name, g)
+    check_array(name, g, finite=False)
+    if shape is not None:
+        check_shape(name, g, shape)
+    if dtype is not None and g.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)} (the forward's), "
+                        f"got {g.dtype}")
+    return g
+
+
 def check_shape(name, x, expected, axes=None):
     """Require ``x.shape == expected`` (``None`` entries match any size)."""
     ok = len(x.shape) == len(expected) and all(

@@ -52,7 +52,8 @@ import numpy as np
 from .ops import (attention, contrastive, cross_entropy, ffn, l2norm, layernorm, patch_embed,
                   sparse_linear, token_embed)
 from .moe import aux_losses, moe_layer
-from ._checks import check_bool, check_choice, check_float, check_int, check_params
+from ._checks import (check_bool, check_cache, check_choice, check_float, check_grad, check_int,
+                      check_params)
 from . import sequence, tower
 from .timing import NULL_TIMER
 from .tree import zeros_like
@@ -372,6 +373,8 @@ def backward(dtotal, cache, *, timer=NULL_TIMER):
     (the objectives enter with their weights, the aux losses with weight 1 since their
     own weights are inside ``aux_total``).
     """
+    check_cache(cache, Cache)
+    check_grad("dtotal", dtotal, ())
     cfg, layout = cache.cfg, cache.embed.layout
     B, S, D = cache.tower.shape
     grads = {}

@@ -37,12 +37,13 @@ ALLOWED = (ValueError, TypeError)  # CheckpointError is a ValueError
 NEVER_VALID_FLOAT = ("nan", "inf", "dtype float16", "dtype complex128", "dtype object")
 
 
-def never_valid(valid_value, label):
-    """True when the mutation ``label`` of ``valid_value`` must be refused."""
+def never_valid(valid_value, label, backward=False):
+    """True when the mutation ``label`` of ``valid_value`` must be refused.  A backward
+    does not scan its upstream gradient (hot path): NaN in, NaN out, is allowed there."""
     if isinstance(valid_value, (bool, np.bool_)):
         return True
     if isinstance(valid_value, np.ndarray) and valid_value.dtype.kind == "f":
-        return label in NEVER_VALID_FLOAT
+        return label in NEVER_VALID_FLOAT[backward * 2:]
     return False
 
 
@@ -466,6 +467,45 @@ def b_zero_shot(rng, a, b):
     return dict(sim=rng.standard_normal((a, b + 1)), labels=rng.integers(0, b + 1, size=a))
 
 
+def _bw(forward, builder, grad_name, pick=lambda out: (out[0], out[-1])):
+    """Builder of ``backward(grad, cache)`` from a forward and its builder: grad = ones."""
+    def build(rng, a, b):
+        y, cache = pick(forward(**builder(rng, a, b)))
+        return {grad_name: np.ones_like(y) if isinstance(y, np.ndarray) else 1.0,
+                "cache": cache}
+    return build
+
+
+# backward(grad, cache) of each op: (name, backward, forward, forward builder, grad name)
+BACKWARDS = [
+    ("sparse_linear", sparse_linear.backward, sparse_linear.forward, b_sparse_linear, "dy"),
+    ("gelu", gelu.backward, gelu.forward, b_x, "dout"),
+    ("layernorm", layernorm.backward, layernorm.forward, b_layernorm, "dy"),
+    ("softmax", softmax.backward, softmax.forward, b_softmax, "dp"),
+    ("cross_entropy", cross_entropy.backward, cross_entropy.forward, b_cross_entropy, "dloss"),
+    ("l2norm", l2norm.backward, l2norm.forward, b_l2norm, "dy"),
+    ("contrastive", contrastive.backward, contrastive.forward, b_contrastive, "dloss"),
+    ("patch_embed", patch_embed.backward, patch_embed.forward, b_patch_embed, "dtokens"),
+    ("token_embed", token_embed.backward, token_embed.forward, b_token_embed, "dx"),
+    ("attention", attention.backward, attention.forward, b_attention, "dy"),
+    ("ffn", ffn.backward, ffn.forward, b_ffn, "dy"),
+    ("dispatch.dispatch", dispatch.dispatch_backward, dispatch.dispatch_forward, b_dispatch,
+     "dxs"),
+    ("dispatch.combine", dispatch.combine_backward, dispatch.combine_forward, b_combine, "dy"),
+    ("experts", experts.backward, experts.forward, b_experts, "dys"),
+    ("aux_losses.load_balance", aux_losses.load_balance_backward,
+     aux_losses.load_balance_forward, b_load_balance, "dloss"),
+    ("aux_losses.importance", aux_losses.importance_backward, aux_losses.importance_forward,
+     b_probs, "dloss"),
+    ("aux_losses.z_loss", aux_losses.z_loss_backward, aux_losses.z_loss_forward, b_z_loss,
+     "dloss"),
+    ("aux_losses.entropy_local", aux_losses.entropy_local_backward,
+     aux_losses.entropy_local_forward, b_probs, "dloss"),
+    ("aux_losses.entropy_global", aux_losses.entropy_global_backward,
+     aux_losses.entropy_global_forward, b_entropy_global, "dloss"),
+]
+
+
 # (name, function, builder, argument names to mutate).  One line per function.
 TABLE = [
     ("sparse_linear.forward", sparse_linear.forward, b_sparse_linear, ("x", "params")),
@@ -571,7 +611,15 @@ TABLE = [
     ("metrics.bleu4", metrics.bleu4, b_bleu, ("hypotheses", "references")),
     ("metrics.exact_match", metrics.exact_match, b_exact, ("hyps", "refs")),
     ("metrics.zero_shot_accuracy", metrics.zero_shot_accuracy, b_zero_shot, ("sim", "labels")),
-]
+    ("router.backward", router.backward,
+     _bw(router.forward, b_router, "dgates", lambda out: (out[0].gates, out[1])),
+     ("dgates", "cache")),
+    ("moe_layer.backward", moe_layer.backward, _bw(moe_layer.forward, b_moe_layer, "dy"),
+     ("dy", "cache")),
+    ("model.backward", model.backward, _bw(model.forward, b_model, "dtotal",
+                                           lambda out: (1.0, out[-1])), ("dtotal", "cache")),
+] + [(f"{name}.backward", bwd, _bw(fwd, builder, grad), (grad, "cache"))
+     for name, bwd, fwd, builder, grad in BACKWARDS]
 
 
 # ----------------------------------------------------------------------------- the check
@@ -630,7 +678,7 @@ def run_row(row, rng, a, b):
             except Exception as e:  # noqa: BLE001 -- the point of the test
                 failures.append(f"{name}({arg}={label}): {type(e).__name__}: {e}")
             else:
-                if never_valid(valid[arg], label):
+                if never_valid(valid[arg], label, name.endswith(".backward")):
                     failures.append(f"{name}({arg}={label}): accepted, must be refused")
                 elif label.startswith("leaf NaN") and not _finite(_primary(out)):
                     failures.append(f"{name}({arg}={label}): a NaN parameter gave a "

@@ -55,7 +55,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..tree import csr_on_pattern
-from .._checks import check_array, check_bool, check_float, check_int, shorten
+from .._checks import (check_array, check_bool, check_cache, check_float, check_grad, check_int,
+                       shorten)
 
 
 def capacity(num_tokens, num_experts, k, capacity_factor):
@@ -260,6 +261,8 @@ def dispatch_forward(x, plan):
 
 def dispatch_backward(dxs, cache):
     """``dx = Disp dXs`` (N, D): each token sums the gradients of its slots."""
+    check_cache(cache, DispatchCache)
+    check_grad("dxs", dxs, (cache.plan.num_slots, None), cache.dtype)
     disp = dispatch_matrix(cache.plan, cache.dtype)              # (N, M)
     return disp @ np.ascontiguousarray(dxs)                      # (N, D)
 
@@ -310,6 +313,8 @@ def combine_backward(dy, cache):
     dgates : (N, K), ``dy[n] . Ys[slot(n, j)]`` for kept assignments, exactly 0 for
         dropped ones.
     """
+    check_cache(cache, CombineCache)
+    check_grad("dy", dy, (cache.plan.kept.shape[0], cache.ys.shape[1]), cache.ys.dtype)
     plan, ys, slot_gate = cache
     n, k = plan.kept.shape
     dy_slot = dispatch_matrix_T(plan, ys.dtype) @ np.ascontiguousarray(dy)  # (M, D) gather

@@ -21,7 +21,8 @@ from typing import NamedTuple
 import numpy as np
 
 from ..ops import ffn
-from .._checks import check_array, check_csr, check_int, check_params, check_same_dtype, shorten
+from .._checks import (check_array, check_cache, check_csr, check_grad, check_int, check_params,
+                       check_same_dtype, shorten)
 from ..tree import zeros_like
 
 
@@ -101,6 +102,8 @@ def backward(dys, cache):
     dxs : (M, D)
     dparams : {"e0": ffn grads, ...}, keyed like the params.
     """
+    check_cache(cache, Cache)
+    check_grad("dys", dys, cache.shape, cache.params["e0"]["fc1"]["W"].dtype)
     caches, offsets, params, shape = cache
     dxs = np.empty(shape, dtype=dys.dtype)                       # (M, D)
     dparams = {}

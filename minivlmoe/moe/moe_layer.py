@@ -48,8 +48,8 @@ from typing import Mapping, NamedTuple
 import numpy as np
 
 from . import aux_losses, dispatch, experts, router
-from .._checks import (check_array, check_bool, check_choice, check_csr, check_float, check_int,
-                       check_dtype, check_params, check_same_dtype, shorten)
+from .._checks import (check_array, check_bool, check_cache, check_choice, check_csr, check_dtype,
+                       check_float, check_grad, check_int, check_params, check_same_dtype, shorten)
 from ..tree import zeros_like
 
 MODALITIES = ("image", "text")  # modality id 0 and 1
@@ -414,6 +414,9 @@ def backward(dy, cache, daux_total=1.0):
     dparams : keyed like the params (router W with its pattern, every expert weight
         and bias); experts that received no token get exactly zero.
     """
+    check_cache(cache, Cache)
+    check_grad("dy", dy, cache.shape, cache.dtype)
+    check_grad("daux_total", daux_total, ())
     config, pools, (n, d), dtype = cache
     daux_total = float(daux_total)
     dy = np.asarray(dy)

@@ -44,8 +44,8 @@ from typing import NamedTuple
 import numpy as np
 
 from ..ops import softmax, sparse_linear
-from .._checks import (check_array, check_bool, check_csr, check_float, check_int, check_params,
-                       check_same_dtype, shorten)
+from .._checks import (check_array, check_bool, check_cache, check_csr, check_float, check_grad,
+                       check_int, check_params, check_same_dtype, shorten)
 
 
 def init(rng, d, num_experts, density=1.0, dtype=np.float32):
@@ -185,6 +185,8 @@ def backward(dgates, cache, dprobs=None, dlogits=None):
     dx : (N, D)
     dparams : {"W": csr_array with W's pattern, "b": (E,)}
     """
+    check_cache(cache, Cache)
+    check_grad("dgates", dgates, cache.gates.shape, cache.gates.dtype)
     lin_cache, sm_cache, experts, gates, total = cache
     probs = sm_cache.p
     n = probs.shape[0]

@@ -53,7 +53,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import softmax, sparse_linear
-from .._checks import check_array, check_bool, check_csr, check_int, check_params, check_same_dtype
+from .._checks import (check_array, check_bool, check_cache, check_csr, check_grad, check_int,
+                       check_params, check_same_dtype)
 
 PROJECTIONS = ("q", "k", "v", "o")
 
@@ -224,6 +225,9 @@ def backward(dy, cache):
     dx : (B, S, D)
     dparams : {"q","k","v","o"}, each {"W": csr_array with W's pattern, "b": (D,)}.
     """
+    check_cache(cache, Cache)
+    o = cache.lin["o"]
+    check_grad("dy", dy, o.lead + (o.W.shape[0],), cache.q.dtype)
     lin, q, k, v, p, scale = cache
     heads = q.shape[1]
     dparams = {}

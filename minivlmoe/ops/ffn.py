@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import gelu, sparse_linear
-from .._checks import check_int, check_params
+from .._checks import check_cache, check_int, check_params
 
 
 def init(rng, d, hidden, density=1.0, dtype=np.float32):
@@ -91,6 +91,7 @@ def backward(dy, cache):
     dx : (..., D)
     dparams : {"fc1": {"W", "b"}, "fc2": {"W", "b"}}, keyed like the params.
     """
+    check_cache(cache, Cache)
     dh, dfc2 = sparse_linear.backward(dy, cache.fc2)            # (..., F)
     da = gelu.backward(dh, cache.act)                            # (..., F)
     dx, dfc1 = sparse_linear.backward(da, cache.fc1)            # (..., D)

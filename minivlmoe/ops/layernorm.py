@@ -26,8 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._checks import (check_array, check_dtype, check_float, check_int, check_params,
-                       check_same_dtype)
+from .._checks import (check_array, check_cache, check_dtype, check_float, check_grad, check_int,
+                       check_params, check_same_dtype)
 
 
 def init(d, dtype=np.float32):
@@ -100,6 +100,8 @@ def backward(dy, cache):
     dx : (..., D)
     dparams : {"gamma": (D,), "beta": (D,)}
     """
+    check_cache(cache, Cache)
+    check_grad("dy", dy, cache.xhat.shape, cache.xhat.dtype)
     xhat, rstd, gamma = cache
     lead_axes = tuple(range(xhat.ndim - 1))                      # every axis but D
     # y = xhat * gamma + beta

@@ -34,8 +34,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import sparse_linear
-from .._checks import (check_array, check_csr, check_dtype, check_int, check_params,
-                       check_same_dtype, check_shape)
+from .._checks import (check_array, check_cache, check_csr, check_dtype, check_grad, check_int,
+                       check_params, check_same_dtype, check_shape)
 
 
 def _check_patch(patch, image_size):
@@ -189,6 +189,10 @@ def backward(dtokens, cache):
     dimages : (B, R, R, Ch)
     dparams : {"proj": {"W": csr_array with W's pattern, "b": (D,)}, "cls": (D,), "pos": (1+P, D)}
     """
+    check_cache(cache, Cache)
+    B, P = cache.lin.lead
+    W = cache.lin.W
+    check_grad("dtokens", dtokens, (B, 1 + P, W.shape[0]), W.dtype)
     lin, patch = cache
     # tokens += pos  (pos broadcast over B)  ->  sum over B
     dpos = dtokens.sum(axis=0)                                     # (1+P, D)

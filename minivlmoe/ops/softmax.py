@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._checks import check_array, check_bool, check_int
+from .._checks import check_array, check_bool, check_cache, check_grad, check_int
 
 
 def _check_logits(name, x, axis):
@@ -127,6 +127,8 @@ def backward(dp, cache):
     the output does not depend on it (its two contributions cancel exactly).  Where
     ``p = 0`` (masked entries, all-masked slices) ``dx`` is exactly 0.
     """
+    check_cache(cache, Cache)
+    check_grad("dp", dp, cache.p.shape, cache.p.dtype)
     p, axis = cache
     dx = p * dp                                                  # (...)
     dot = dx.sum(axis=axis, keepdims=True)                       # (..., 1, ...) sum p dp

@@ -58,8 +58,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..tree import csr_on_pattern, with_values
-from .._checks import (check_array, check_csr, check_dtype, check_float, check_int,
-                       check_params, check_rng, check_same_dtype)
+from .._checks import (check_array, check_cache, check_csr, check_dtype, check_float, check_grad,
+                       check_int, check_params, check_rng, check_same_dtype)
 
 DENSE_ABOVE = 0.075
 GATHER_BELOW = 0.02
@@ -225,6 +225,8 @@ def backward(dy, cache):
     dx : (..., Din)
     dparams : {"W": csr_array with W's pattern, "b": (Dout,)}
     """
+    check_cache(cache, Cache)
+    check_grad("dy", dy, cache.lead + (cache.W.shape[0],), cache.W.dtype)
     saved, W, Wd, groups, lead = cache
     d_out, d_in = W.shape
     dy2 = np.asarray(dy).reshape(-1, d_out)                      # (N, Dout)

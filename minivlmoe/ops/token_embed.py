@@ -28,7 +28,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._checks import check_array, check_dtype, check_int, check_params, check_same_dtype
+from .._checks import (check_array, check_cache, check_dtype, check_grad, check_int, check_params,
+                       check_same_dtype)
 
 
 def init(rng, vocab, max_len, d, dtype=np.float32):
@@ -105,6 +106,8 @@ def backward(dx, cache):
     dparams : {"tok": (V, D), "pos": (Tmax, D)}; rows of ids that never occur, and
         positions t >= T, get zero gradient.
     """
+    check_cache(cache, Cache)
+    check_grad("dx", dx, cache.ids.shape + (None,))
     ids, V, Tmax = cache
     B, T, D = dx.shape
     # x = ... + pos[:T]  (broadcast over B)  ->  sum over B into the first T rows
