@@ -13,6 +13,53 @@ import numpy as np
 import scipy.sparse as sp
 
 
+def shorten(value, limit=200):
+    """``repr(value)`` cut to about ``limit`` characters, for echoing into messages."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def check_bool(name, value):
+    """Require a ``bool`` (or ``numpy.bool_``); anything merely truthy is refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} "
+                        f"{shorten(repr(value))}")
+    return bool(value)
+
+
+def check_dtype(name, dtype):
+    """Require float32 or float64 (a dtype, a type or its name); return the ``np.dtype``."""
+    try:
+        dt = None if dtype is None else np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt not in (np.float32, np.float64):
+        got = dt if dt is not None else shorten(repr(dtype))
+        raise TypeError(f"{name} must be float32 or float64, got {got}")
+    return dt
+
+
+def check_params(name, params, keys):
+    """Require a dict holding at least ``keys``; return it."""
+    if not isinstance(params, dict):
+        raise TypeError(f"{name} must be a dict with keys {list(keys)}, got "
+                        f"{type(params).__name__} {shorten(repr(params))}")
+    missing = [key for key in keys if key not in params]
+    if missing:
+        raise ValueError(f"{name} must have the keys {list(keys)}, missing {missing} "
+                         f"(got {shorten(repr(sorted(map(str, params))))})")
+    return params
+
+
+def check_rng(name, rng):
+    """Require a ``numpy.random.Generator``."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"{name} must be a numpy.random.Generator, got {type(rng).__name__}")
+    return rng
+
+
 def check_array(name, x, *, ndim=None, axes=None, dtype_kind="f", finite=True):
     """Validate a NumPy array argument and return it.
 
@@ -40,6 +87,29 @@ def check_array(name, x, *, ndim=None, axes=None, dtype_kind="f", finite=True):
         bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
         raise ValueError(f"{name} must be finite, got {bad} NaN or inf value(s)")
     return x
+
+
+def check_cache(cache, cache_type):
+    """Require the cache a forward returned (a backward's second argument)."""
+    if not isinstance(cache, cache_type):
+        raise TypeError(f"cache must be the {cache_type.__name__} returned by forward, got "
+                        f"{type(cache).__name__}")
+    return cache
+
+
+def check_grad(name, g, shape=None, dtype=None):
+    """Require an upstream gradient: a real number when ``shape == ()``, else a float
+    array of ``shape`` (None entries match any size) and ``dtype``.  O(1): no pass over
+    ``g`` (a NaN gradient gives NaN gradients, as it should)."""
+    if shape == () and not isinstance(g, np.ndarray):
+        return check_float(name, g)
+    check_array(name, g, finite=False)
+    if shape is not None:
+        check_shape(name, g, shape)
+    if dtype is not None and g.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)} (the forward's), "
+                        f"got {g.dtype}")
+    return g
 
 
 def check_shape(name, x, expected, axes=None):
@@ -75,7 +145,8 @@ def check_csr(name, w, shape=None):
 def check_int(name, value, low=None, high=None):
     """Require an integer in ``[low, high]`` (either bound optional)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} "
+                        f"{shorten(repr(value))}")
     if (low is not None and value < low) or (high is not None and value > high):
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high
@@ -86,7 +157,8 @@ def check_int(name, value, low=None, high=None):
 def check_float(name, value, low=None, high=None, low_open=False, high_open=False):
     """Require a finite real number in the given (half-)open or closed interval."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} "
+                        f"{shorten(repr(value))}")
     value = float(value)
     bad = not np.isfinite(value)
     bad |= low is not None and (value <= low if low_open else value < low)
@@ -102,6 +174,11 @@ def check_float(name, value, low=None, high=None, low_open=False, high_open=Fals
 
 def check_choice(name, value, choices):
     """Require ``value`` to be one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {sorted(choices)!r}, got {value!r}")
+    try:
+        ok = value in choices
+    except TypeError:                                            # unhashable, e.g. a list
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be one of {shorten(repr(sorted(choices)))}, "
+                         f"got {shorten(repr(value))}")
     return value

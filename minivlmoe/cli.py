@@ -258,6 +258,7 @@ def cmd_retrieve(args):
     from . import inference
     from .world import to_ascii
     from .tokenizer import PAD_ID, UNK_ID, tokenize
+    from ._checks import shorten
 
     ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.ckpt)
     if not args.caption.strip():
@@ -268,7 +269,7 @@ def cmd_retrieve(args):
         return _fail(str(e))
     unknown = [w for w in tokenize(args.caption) if tokenizer.ids.get(w, UNK_ID) == UNK_ID]
     if unknown:
-        print(f"note: words not in the vocabulary (read as <unk>): {' '.join(unknown)}",
+        print(f"note: words not in the vocabulary (read as <unk>): {shorten(' '.join(unknown))}",
               file=sys.stderr)
     test = _test_split(model_cfg, train_cfg)
     images = test.images.astype(model_cfg.dtype, copy=False)           # (B, R, R, Ch)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checks import check_array, check_int
+from ._checks import check_array, check_bool, check_dtype, check_int, check_rng, shorten
 from .scenes import Records
 
 # ---------------------------------------------------------------------------- the dataset
@@ -71,9 +71,7 @@ class ImageCaptionDataset:
 
     def astype(self, dtype):
         """The same dataset with images cast to float32 or float64."""
-        dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        dtype = check_dtype("dtype", dtype)
         return ImageCaptionDataset(self.images.astype(dtype), self.captions,
                                    records=self.records, heldout=self.heldout)
 
@@ -113,9 +111,10 @@ def _check_captions(name, captions, n):
     for i, caption in enumerate(captions):
         if not isinstance(caption, str):
             raise TypeError(f"{name}[{i}] must be a str, got {type(caption).__name__} "
-                            f"{caption!r}")
+                            f"{shorten(repr(caption))}")
         if not caption.strip():
-            raise ValueError(f"{name}[{i}] must be a non-empty caption, got {caption!r}")
+            raise ValueError(f"{name}[{i}] must be a non-empty caption, got "
+                             f"{shorten(repr(caption))}")
     return list(captions)
 
 
@@ -127,8 +126,8 @@ def minibatch_indices(n, batch_size, rng, *, drop_last=False):
     """
     n = check_int("n", n, 1)
     batch_size = check_int("batch_size", batch_size, 1)
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    check_rng("rng", rng)
+    drop_last = check_bool("drop_last", drop_last)
     order = rng.permutation(n)                                         # (n,)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):

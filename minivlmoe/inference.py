@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checks import check_int
-from .model import check_config
+from ._checks import check_int, check_params
+from .model import PARAM_KEYS, check_config
 from .ops import l2norm, patch_embed, sparse_linear, token_embed
 from . import sequence, tower
 
@@ -46,6 +46,7 @@ def _batched(fn, items, batch_size):
 def encode_images(params, cfg, images, *, batch_size=BATCH_SIZE):
     """Unit-norm retrieval embeddings (B, De) of images (B, R, R, Ch) alone."""
     check_config(cfg)
+    check_params("params", params, PARAM_KEYS)
     sequence.check_images(cfg, images)
 
     def encode(chunk):                                             # (b, R, R, Ch)
@@ -63,6 +64,7 @@ def encode_images(params, cfg, images, *, batch_size=BATCH_SIZE):
 def encode_texts(params, cfg, ids, *, pad_id, batch_size=BATCH_SIZE):
     """Unit-norm retrieval embeddings (B, De) of token ids (B, T) alone."""
     check_config(cfg)
+    check_params("params", params, PARAM_KEYS)
     ids, pad_id = sequence.check_ids(cfg, ids, pad_id)
 
     def encode(chunk):                                             # (b, T)
@@ -92,6 +94,7 @@ def greedy_decode(params, cfg, images, *, bos_id, eos_id, pad_id, max_len,
     a chunk; the loop is over time steps, and ends when every row of the chunk is done.
     """
     check_config(cfg)
+    check_params("params", params, PARAM_KEYS)
     sequence.check_images(cfg, images)
     V = cfg.vocab_size
     bos_id = check_int("bos_id", bos_id, 0, V - 1)

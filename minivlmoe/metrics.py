@@ -39,11 +39,20 @@ from collections import Counter
 
 import numpy as np
 
-from ._checks import check_array
+from ._checks import check_array, shorten
 
 
 def _check_keys(name, keys, length, axis):
-    keys = np.asarray(keys)
+    if keys is None:
+        raise TypeError(f"{name} must be a 1-D array or list of keys, got None")
+    try:
+        keys = np.asarray(keys)
+    except ValueError:                                               # ragged nested lists
+        raise ValueError(f"{name} must be a 1-D array or list of keys, got "
+                         f"{shorten(repr(keys))}") from None
+    if keys.dtype == object or keys.dtype.kind == "f" and not np.all(np.isfinite(keys)):
+        raise TypeError(f"{name} must hold ints or strings (comparable keys), got "
+                        f"dtype {keys.dtype}")
     if keys.ndim != 1 or keys.shape[0] != length:
         raise ValueError(f"{name} must have shape ({length},) matching sim's {axis}, "
                          f"got {keys.shape}")
@@ -89,10 +98,10 @@ def retrieval_recall(sim, img_keys, txt_keys, ks=(1, 5), *, distinct_texts=True)
         raise ValueError(f"sim must have at least one image and one text, got shape {sim.shape}")
     img_keys = _check_keys("img_keys", img_keys, n_img, "rows Ni")
     txt_keys = _check_keys("txt_keys", txt_keys, n_txt, "columns Nt")
-    ks = tuple(ks)
-    if not ks or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1
-                     for k in ks):
-        raise ValueError(f"ks must be a non-empty tuple of ints >= 1, got {ks!r}")
+    ks = tuple(ks) if isinstance(ks, (list, tuple)) else ks
+    if not isinstance(ks, tuple) or not ks or any(
+            isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in ks):
+        raise ValueError(f"ks must be a non-empty tuple of ints >= 1, got {shorten(repr(ks))}")
     correct = img_keys[:, None] == txt_keys[None, :]                     # (Ni, Nt)
     if distinct_texts:                                                   # items: texts
         text_sim, text_keys = _max_over_copies(sim, txt_keys)           # (Ni, U), (U,)
@@ -154,6 +163,9 @@ def bleu4(hypotheses, references):
             if not isinstance(tokens, (list, tuple)):
                 raise TypeError(f"{name}[{i}] must be a list of tokens, "
                                 f"got {type(tokens).__name__}")
+            if not all(isinstance(t, str) for t in tokens):
+                raise TypeError(f"{name}[{i}] must be a list of str tokens, got "
+                                f"{shorten(repr(tokens))}")
         hyp_len += len(hyp)
         ref_len += len(ref)
         for n in range(1, 5):
@@ -173,6 +185,11 @@ def exact_match(hyps, refs):
     ``hyps`` and ``refs`` are lists of the same length of token lists (or strings).
     """
     _check_corpus("hyps", hyps, "refs", refs)
+    for name, corpus in (("hyps", hyps), ("refs", refs)):
+        for i, item in enumerate(corpus):
+            if not isinstance(item, (list, tuple, str)):
+                raise TypeError(f"{name}[{i}] must be a token list or a str, got "
+                                f"{type(item).__name__} {shorten(repr(item))}")
     return sum(list(h) == list(r) for h, r in zip(hyps, refs)) / len(hyps)
 
 
@@ -190,7 +207,7 @@ def zero_shot_accuracy(sim, labels):
     n, n_classes = sim.shape
     if n == 0 or n_classes == 0:
         raise ValueError(f"sim must have at least one row and one class, got shape {sim.shape}")
-    labels = np.asarray(labels)
+    labels = np.asarray(labels) if isinstance(labels, (list, tuple)) else labels
     check_array("labels", labels, ndim=1, axes="(Ni,)", dtype_kind="i")
     if labels.shape != (n,):
         raise ValueError(f"labels must have shape ({n},) matching sim's rows, got {labels.shape}")

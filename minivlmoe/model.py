@@ -52,7 +52,8 @@ import numpy as np
 from .ops import (attention, contrastive, cross_entropy, ffn, l2norm, layernorm, patch_embed,
                   sparse_linear, token_embed)
 from .moe import aux_losses, moe_layer
-from ._checks import check_choice, check_float, check_int
+from ._checks import (check_bool, check_cache, check_choice, check_float, check_grad, check_int,
+                      check_params)
 from . import sequence, tower
 from .timing import NULL_TIMER
 from .tree import zeros_like
@@ -70,7 +71,7 @@ class ModelConfig:
     ------
     image_size, patch, channels : images are (R, R, Ch) = (image_size, image_size,
         channels), cut into (image_size / patch)^2 patches.
-    vocab_size : V, including the special tokens.   max_text_len : Tmax, longest caption
+    vocab_size : V >= 4, including the 4 special tokens.   max_text_len : Tmax, longest caption
         in tokens (bos ... eos), the size of the position table.
     width, heads, layers : D, H, number of blocks.
     mlp_hidden : hidden width of the dense FFNs at non-MoE positions.
@@ -124,7 +125,7 @@ class ModelConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
-        for name, low in (("image_size", 1), ("patch", 1), ("channels", 1), ("vocab_size", 2),
+        for name, low in (("image_size", 1), ("patch", 1), ("channels", 1), ("vocab_size", 4),
                           ("max_text_len", 2), ("width", 1), ("heads", 1), ("layers", 1),
                           ("mlp_hidden", 1), ("num_experts", 1), ("moe_every", 1),
                           ("fusion_layers", 0), ("embed_dim", 1), ("min_experts", 1)):
@@ -149,8 +150,7 @@ class ModelConfig:
             raise ValueError("caption_weight and contrastive_weight must not both be 0, "
                              "got 0 and 0")
         for name in ("bpr", "renormalize"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
         check_choice("dtype", self.dtype, {"float32", "float64"})
 
     # derived sizes
@@ -202,6 +202,10 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"d has unknown ModelConfig fields {unknown}; known: {sorted(known)}")
         return cls(**d)
+
+
+PARAM_KEYS = ("patch", "text", "blocks", "ln_f", "img_proj", "txt_proj", "log_logit_scale",
+              "lm_head")
 
 
 def check_config(cfg):
@@ -295,6 +299,8 @@ def forward(params, cfg, images, ids, *, pad_id, keys=None, rng=None, train=Fals
         are the (B, De) unit-norm retrieval embeddings of the batch.
     """
     check_config(cfg)
+    check_bool("train", train)
+    check_params("params", params, PARAM_KEYS)
     sequence.check_images(cfg, images)
     ids, pad_id = sequence.check_ids(cfg, ids, pad_id, min_len=2)
     B, T = ids.shape
@@ -367,6 +373,8 @@ def backward(dtotal, cache, *, timer=NULL_TIMER):
     (the objectives enter with their weights, the aux losses with weight 1 since their
     own weights are inside ``aux_total``).
     """
+    check_cache(cache, Cache)
+    check_grad("dtotal", dtotal, ())
     cfg, layout = cache.cfg, cache.embed.layout
     B, S, D = cache.tower.shape
     grads = {}

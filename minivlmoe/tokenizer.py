@@ -42,7 +42,7 @@ import re
 
 import numpy as np
 
-from ._checks import check_array, check_int
+from ._checks import check_array, check_bool, check_int, shorten
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -70,16 +70,19 @@ class Tokenizer:
     def __init__(self, words):
         if isinstance(words, str):
             raise TypeError("words must be an iterable of str, got a single str")
+        if not hasattr(words, "__iter__"):
+            raise TypeError(f"words must be an iterable of str, got {type(words).__name__}")
         words = list(words)
         for i, word in enumerate(words):
             if not isinstance(word, str):
                 raise TypeError(f"words[{i}] must be a str, got {type(word).__name__}")
             if word in SPECIALS or tokenize(word) != [word]:
                 raise ValueError(f"words[{i}] must be one lowercase word or punctuation "
-                                 f"mark and not a special token, got {word!r}")
+                                 f"mark and not a special token, got {shorten(repr(word))}")
         if len(set(words)) != len(words):
             dup = next(w for w in words if words.count(w) > 1)
-            raise ValueError(f"words must not repeat a word, got {dup!r} more than once")
+            raise ValueError(f"words must not repeat a word, got {shorten(repr(dup))} more "
+                             f"than once")
         self.vocab = list(SPECIALS) + words                  # id -> token string
         self.ids = {tok: i for i, tok in enumerate(self.vocab)}  # token string -> id
 
@@ -121,6 +124,7 @@ class Tokenizer:
         ``max_len=None`` uses the longest caption's length + 2.  Unknown words -> <unk>.
         """
         captions = _check_captions(captions)
+        truncate = check_bool("truncate", truncate)
         words = [tokenize(c) for c in captions]
         if max_len is None:
             max_len = max(len(w) for w in words) + 2
@@ -132,7 +136,8 @@ class Tokenizer:
                 if not truncate:
                     raise ValueError(f"captions[{b}] must fit in max_len={max_len} tokens "
                                      f"(<bos> + words + <eos>), got {len(row)}: "
-                                     f"{captions[b]!r}; raise max_len or pass truncate=True")
+                                     f"{shorten(repr(captions[b]))}; raise max_len or pass "
+                                     f"truncate=True")
                 row = row[:max_len]
             ids[b, :len(row)] = row
         return ids
@@ -154,8 +159,12 @@ class Tokenizer:
         return [self.decode(row) for row in ids]
 
     def _check_ids(self, ids, ndim, axes):
-        if isinstance(ids, (list, tuple)):
-            ids = np.asarray(ids, dtype=np.int64)
+        if isinstance(ids, (list, tuple)):                  # floats stay floats: refused below
+            try:
+                ids = np.asarray(ids) if len(ids) else np.zeros((0,) * ndim, dtype=np.int64)
+            except ValueError:                              # ragged rows
+                raise ValueError(f"ids must be a rectangular {axes} array of ints, got "
+                                 f"{shorten(repr(ids))}") from None
         check_array("ids", ids, ndim=ndim, axes=axes, dtype_kind="i")
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise ValueError(f"ids must be in [0, {self.vocab_size - 1}] (V={self.vocab_size}),"

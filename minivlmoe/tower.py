@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._checks import check_bool
 from .ops import attention, ffn, layernorm
 from .moe import moe_layer, router
 from .timing import NULL_TIMER
@@ -126,6 +127,7 @@ def forward(x, mask, modality, rows, params, cfg, *, rng=None, train=False,
     stats : dict "blocks.i" -> MoE layer statistics.
     cache : Cache
     """
+    check_bool("train", train)
     B, S, D = x.shape
     N = B * S
     mcfg = cfg.moe_config()

@@ -34,13 +34,13 @@ O object slots (``max_objects``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from itertools import product
 from typing import NamedTuple
 
 import numpy as np
 
-from ._checks import check_array, check_float, check_int
+from ._checks import check_array, check_float, check_int, check_rng, shorten
 from .data import ImageCaptionDataset
 from .scenes import (COLORS, MAX_OBJECTS, SHAPES, Records, caption_of,
                      max_caption_words)
@@ -100,7 +100,8 @@ class World:
             if (not isinstance(pair, (tuple, list)) or len(pair) != 2
                     or pair[0] not in COLORS or pair[1] not in SHAPES):
                 raise ValueError(f"heldout must hold (color, shape) pairs with a color in "
-                                 f"{list(COLORS)} and a shape in {list(SHAPES)}, got {pair!r}")
+                                 f"{list(COLORS)} and a shape in {list(SHAPES)}, got "
+                                 f"{shorten(repr(pair))}")
             pairs.append((pair[0], pair[1]))
         if len(set(pairs)) != len(pairs):
             raise ValueError(f"heldout must not repeat a pair, got {pairs}")
@@ -142,9 +143,8 @@ class World:
         """
         n = check_int("n", n, 1)
         if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        if not isinstance(rng, np.random.Generator):
-            raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+            raise ValueError(f"split must be 'train' or 'test', got {shorten(repr(split))}")
+        check_rng("rng", rng)
         n_held = round(self.heldout_fraction * n) if split == "test" and self.heldout else 0
         records = _sample_records(self, n, n_held, rng)
         images = _render(records, self.image_size)                     # (B, R, R, 3)
@@ -161,6 +161,8 @@ class World:
     def splits(self, seed=0, n_train=4096, n_test=512):
         """Train and test splits from two independent streams of ``seed``."""
         seed = check_int("seed", seed, 0)
+        check_int("n_train", n_train, 1)
+        check_int("n_test", n_test, 1)
         train_ss, test_ss = np.random.SeedSequence(seed).spawn(2)
         train = self.sample(n_train, np.random.default_rng(train_ss), split="train")
         test = self.sample(n_test, np.random.default_rng(test_ss), split="test")
@@ -169,6 +171,10 @@ class World:
 
 def make_splits(seed=0, n_train=4096, n_test=512, **world_options):
     """``World(**world_options).splits(seed, n_train, n_test)``: the usual entry point."""
+    known = [f.name for f in fields(World)]
+    unknown = sorted(set(world_options) - set(known))
+    if unknown:
+        raise TypeError(f"world_options must be World fields {known}, got unknown {unknown}")
     return World(**world_options).splits(seed, n_train, n_test)
 
 

@@ -104,6 +104,13 @@ def test_retrieve(run_dir, capsys):
     assert "purple" in capsys.readouterr().err                # unknown words are named
 
 
+def test_retrieve_long_caption_is_one_short_line(run_dir, capsys):
+    assert cli.main(["retrieve", str(run_dir), "red " * 20000]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("minivlmoe: error: captions[0] must fit in max_len")
+    assert err.count("\n") == 1 and len(err) < 600, len(err)
+
+
 @pytest.mark.parametrize("argv", [
     [],
     ["bogus"],

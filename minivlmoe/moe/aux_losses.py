@@ -51,7 +51,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..ops import softmax
-from .._checks import check_array, check_float, check_int
+from .._checks import check_array, check_cache, check_float, check_grad, check_int
 
 AUX_LOSSES = ("load_balance", "importance", "z_loss", "entropy_local", "entropy_global")
 
@@ -157,6 +157,8 @@ def load_balance_forward(probs, assign, k=1):
 
 def load_balance_backward(dloss, cache):
     """``dprobs[n, e] = dloss * E * f_e / N``; returns dprobs (N, E)."""
+    check_cache(cache, LoadBalanceCache)
+    check_grad("dloss", dloss, ())
     f, n_tokens = cache
     n_experts = f.shape[0]
     if n_tokens == 0:
@@ -209,6 +211,8 @@ def importance_forward(probs):
 def importance_backward(dloss, cache):
     """``dprobs[n, e] = dloss * 2 (imp_e - m - v / m) / (E m^2)`` for every n;
     returns dprobs (N, E).  Derivation: docs/moe/aux_losses.md."""
+    check_cache(cache, ImportanceCache)
+    check_grad("dloss", dloss, ())
     imp, n_tokens = cache
     n_experts = imp.shape[0]
     if n_tokens == 0:
@@ -256,6 +260,8 @@ def z_loss_forward(logits):
 
 def z_loss_backward(dloss, cache):
     """``dlogits[n, e] = dloss * 2 lse_n softmax[n, e] / N``; returns dlogits (N, E)."""
+    check_cache(cache, ZLossCache)
+    check_grad("dloss", dloss, ())
     probs, lse = cache
     n_tokens = lse.shape[0]
     if n_tokens == 0:
@@ -299,6 +305,8 @@ def entropy_local_forward(probs):
 
 def entropy_local_backward(dloss, cache):
     """``dprobs[n, e] = -dloss (log p[n, e] + 1) / N``; returns dprobs (N, E)."""
+    check_cache(cache, EntropyLocalCache)
+    check_grad("dloss", dloss, ())
     log_probs = cache.log_probs
     n_tokens = log_probs.shape[0]
     if n_tokens == 0:
@@ -372,6 +380,8 @@ def entropy_global_forward(probs, tau):
 def entropy_global_backward(dloss, cache):
     """``dprobs[n, e] = dloss (log pbar_e + 1) / N`` when the hinge is active, else 0;
     returns dprobs (N, E)."""
+    check_cache(cache, EntropyGlobalCache)
+    check_grad("dloss", dloss, ())
     log_mean, active, n_tokens = cache
     n_experts = log_mean.shape[0]
     if not active:

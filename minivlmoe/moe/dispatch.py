@@ -55,7 +55,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..tree import csr_on_pattern
-from .._checks import check_array, check_float, check_int
+from .._checks import (check_array, check_bool, check_cache, check_float, check_grad, check_int,
+                       shorten)
 
 
 def capacity(num_tokens, num_experts, k, capacity_factor):
@@ -80,6 +81,8 @@ def priority_order(top1_probs, bpr):
     Routing, V-MoE): decreasing top-1 router probability; a stable sort, so equal
     priorities keep token order.
     """
+    check_array("top1_probs", top1_probs, ndim=1, axes="(N,)")
+    bpr = check_bool("bpr", bpr)
     n = top1_probs.shape[0]
     if not bpr:
         return np.arange(n)                                      # (N,)
@@ -152,6 +155,17 @@ def make_plan(experts, num_experts, capacity, order):
     if n and (experts.min() < 0 or experts.max() >= num_experts):
         raise ValueError(f"experts must be in [0, {num_experts - 1}], got values in "
                          f"[{experts.min()}, {experts.max()}]")
+    if k > 1 and n:                                              # a token picks an expert once
+        row_sorted = np.sort(experts, axis=1)                    # (N, K)
+        dup = np.flatnonzero(np.any(row_sorted[:, 1:] == row_sorted[:, :-1], axis=1))
+        if dup.size:
+            raise ValueError(f"experts must hold K distinct experts per token, got row "
+                             f"{int(dup[0])} = {shorten(experts[dup[0]].tolist())}")
+    check_array("order", order, ndim=1, axes="(N,)", dtype_kind="i")
+    if order.shape != (n,) or (n and (order.min() < 0 or order.max() >= n
+                                      or np.any(np.bincount(order, minlength=n) != 1))):
+        raise ValueError(f"order must be a permutation of the {n} tokens, got "
+                         f"{shorten(order.tolist())}")
     ids = np.arange(num_experts)                                 # (E,)
     position = np.empty((n, k), dtype=np.int64)                  # (N, K)
     filled = np.zeros(num_experts, dtype=np.int64)               # (E,) queue lengths so far
@@ -210,6 +224,11 @@ def combine_matrix(plan, gates):
     return csr_on_pattern(gates.reshape(-1)[plan.entry_src], plan.indices, plan.indptr, (n, m))
 
 
+def _check_plan(plan):
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a Plan from make_plan, got {type(plan).__name__}")
+
+
 class DispatchCache(NamedTuple):
     """``plan``: the Plan (the pattern of ``Disp``); ``dtype``: of ``x``."""
 
@@ -231,6 +250,7 @@ def dispatch_forward(x, plan):
     cache : DispatchCache
     """
     check_array("x", x, ndim=2, axes="(N, D)")
+    _check_plan(plan)
     if x.shape[0] != plan.kept.shape[0]:
         raise ValueError(f"x must have {plan.kept.shape[0]} rows (N of the plan), "
                          f"got shape {x.shape}")
@@ -241,6 +261,8 @@ def dispatch_forward(x, plan):
 
 def dispatch_backward(dxs, cache):
     """``dx = Disp dXs`` (N, D): each token sums the gradients of its slots."""
+    check_cache(cache, DispatchCache)
+    check_grad("dxs", dxs, (cache.plan.num_slots, None), cache.dtype)
     disp = dispatch_matrix(cache.plan, cache.dtype)              # (N, M)
     return disp @ np.ascontiguousarray(dxs)                      # (N, D)
 
@@ -268,6 +290,7 @@ def combine_forward(ys, gates, plan):
     y : (N, D); a token whose every assignment was dropped gets an exact zero row.
     cache : CombineCache
     """
+    _check_plan(plan)
     n, k = plan.kept.shape
     check_array("ys", ys, ndim=2, axes="(M, D)")
     check_array("gates", gates, ndim=2, axes="(N, K)")
@@ -290,6 +313,8 @@ def combine_backward(dy, cache):
     dgates : (N, K), ``dy[n] . Ys[slot(n, j)]`` for kept assignments, exactly 0 for
         dropped ones.
     """
+    check_cache(cache, CombineCache)
+    check_grad("dy", dy, (cache.plan.kept.shape[0], cache.ys.shape[1]), cache.ys.dtype)
     plan, ys, slot_gate = cache
     n, k = plan.kept.shape
     dy_slot = dispatch_matrix_T(plan, ys.dtype) @ np.ascontiguousarray(dy)  # (M, D) gather

@@ -21,7 +21,8 @@ from typing import NamedTuple
 import numpy as np
 
 from ..ops import ffn
-from .._checks import check_array
+from .._checks import (check_array, check_cache, check_csr, check_grad, check_int, check_params,
+                       check_same_dtype, shorten)
 from ..tree import zeros_like
 
 
@@ -32,6 +33,7 @@ def expert_names(num_experts):
 
 def init(rng, d, hidden, num_experts, density=1.0, dtype=np.float32):
     """``{"e0": ffn params, ..., "e{E-1}": ffn params}``, each with its own pattern."""
+    num_experts = check_int("num_experts", num_experts, 1)
     return {name: ffn.init(rng, d, hidden, density, dtype) for name in expert_names(num_experts)}
 
 
@@ -61,12 +63,25 @@ def forward(xs, offsets, params):
     cache : Cache
     """
     check_array("xs", xs, ndim=2, axes="(M, D)")
+    check_array("offsets", offsets, ndim=1, axes="(E+1,)", dtype_kind="i")
+    if offsets.shape[0] < 2 or offsets[0] != 0 or offsets[-1] != xs.shape[0] \
+            or np.any(np.diff(offsets) < 0):
+        raise ValueError(f"offsets must be non-decreasing from 0 to the rows of xs "
+                         f"({xs.shape[0]}) with at least 2 entries, got "
+                         f"{shorten(offsets.tolist())}")
     names = expert_names(len(offsets) - 1)
-    if sorted(params) != sorted(names):
-        raise ValueError(f"params must have the keys {names}, got {sorted(params)}")
-    if offsets[-1] != xs.shape[0]:
-        raise ValueError(f"offsets[-1] must equal the rows of xs ({xs.shape[0]}), "
-                         f"got {offsets[-1]}")
+    if not isinstance(params, dict) or sorted(params) != sorted(names):
+        got = sorted(map(str, params)) if isinstance(params, dict) else type(params).__name__
+        raise ValueError(f"params must have the keys {shorten(names)} (one per expert of "
+                         f"offsets), got {shorten(got)}")
+    for name in names:                                           # O(E): widths and dtypes
+        check_params(f"params['{name}']", params[name], ("fc1", "fc2"))
+        check_params(f"params['{name}']['fc1']", params[name]["fc1"], ("W", "b"))
+        w1 = check_csr(f"params['{name}']['fc1']['W']", params[name]["fc1"]["W"])
+        if w1.shape[1] != xs.shape[1]:
+            raise ValueError(f"xs must have shape (M, D={w1.shape[1]}) (the width of "
+                             f"params['{name}']['fc1']['W']), got {xs.shape}")
+        check_same_dtype("xs", xs, f"params['{name}']['fc1']['W']", w1)
     ys = np.empty_like(xs, order="C")                            # (M, D)
     caches = []
     for e, name in enumerate(names):                             # loop over experts only
@@ -87,6 +102,8 @@ def backward(dys, cache):
     dxs : (M, D)
     dparams : {"e0": ffn grads, ...}, keyed like the params.
     """
+    check_cache(cache, Cache)
+    check_grad("dys", dys, cache.shape, cache.params["e0"]["fc1"]["W"].dtype)
     caches, offsets, params, shape = cache
     dxs = np.empty(shape, dtype=dys.dtype)                       # (M, D)
     dparams = {}

@@ -48,7 +48,8 @@ from typing import Mapping, NamedTuple
 import numpy as np
 
 from . import aux_losses, dispatch, experts, router
-from .._checks import check_array, check_choice, check_float, check_int, check_same_dtype
+from .._checks import (check_array, check_bool, check_cache, check_choice, check_csr, check_dtype,
+                       check_float, check_grad, check_int, check_params, check_same_dtype, shorten)
 from ..tree import zeros_like
 
 MODALITIES = ("image", "text")  # modality id 0 and 1
@@ -98,8 +99,7 @@ class MoEConfig:
         if self.capacity_factor is not None:
             check_float("capacity_factor", self.capacity_factor, 0.0, low_open=True)
         for name in ("renormalize", "bpr"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
         check_float("noise_std", self.noise_std, 0.0)
         check_choice("mode", self.mode, {"shared", "modality"})
         check_int("min_experts", self.min_experts, 1)
@@ -145,6 +145,7 @@ def init(rng, d, hidden, config, density=1.0, dtype=np.float32):
     """
     if not isinstance(config, MoEConfig):
         raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+    check_dtype("dtype", dtype)
     if config.mode == "shared":
         return _pool_init(rng, d, hidden, config, density, dtype)
     return {name: _pool_init(rng, d, hidden, config, density, dtype) for name in MODALITIES}
@@ -334,10 +335,12 @@ def forward(x, params, config, modality=None, *, rng=None, train=False):
     check_array("x", x, ndim=2, axes="(N, D)")
     n, d = x.shape
     modality = _check_modality(modality, n, config)
-    noisy = bool(train) and config.noise_std > 0
+    noisy = check_bool("train", train) and config.noise_std > 0
     if noisy and not isinstance(rng, np.random.Generator):
         raise ValueError("rng must be a numpy.random.Generator when train=True and "
-                         f"noise_std={config.noise_std} > 0 (router noise), got {rng!r}")
+                         f"noise_std={config.noise_std} > 0 (router noise), got "
+                         f"{shorten(repr(rng))}")
+    check_params("params", params, ())
     if config.mode == "shared":
         pools = [("shared", None, params)]
     else:
@@ -348,6 +351,10 @@ def forward(x, params, config, modality=None, *, rng=None, train=False):
         pools = [(name, np.flatnonzero(modality == m), params[name])
                  for m, name in enumerate(MODALITIES)]
     for name, _, pool in pools:
+        where = "params" if name == "shared" else f"params['{name}']"
+        check_params(where, pool, ("router", "experts"))
+        check_params(f"{where}['router']", pool["router"], ("W", "b"))
+        check_csr(f"{where}['router']['W']", pool["router"]["W"])
         w = pool["router"]["W"]
         if w.shape != (config.num_experts, d):
             raise ValueError(f"params router W must have shape ({config.num_experts}, {d}) "
@@ -407,6 +414,9 @@ def backward(dy, cache, daux_total=1.0):
     dparams : keyed like the params (router W with its pattern, every expert weight
         and bias); experts that received no token get exactly zero.
     """
+    check_cache(cache, Cache)
+    check_grad("dy", dy, cache.shape, cache.dtype)
+    check_grad("daux_total", daux_total, ())
     config, pools, (n, d), dtype = cache
     daux_total = float(daux_total)
     dy = np.asarray(dy)

@@ -44,18 +44,21 @@ from typing import NamedTuple
 import numpy as np
 
 from ..ops import softmax, sparse_linear
-from .._checks import check_array, check_float, check_same_dtype
+from .._checks import (check_array, check_bool, check_cache, check_csr, check_float, check_grad,
+                       check_int, check_params, check_same_dtype, shorten)
 
 
 def init(rng, d, num_experts, density=1.0, dtype=np.float32):
     """Router params ``{"W": csr_array (E, D), "b": zeros (E,)}`` (a sparse linear layer)."""
+    check_int("d", d, 1)
+    check_int("num_experts", num_experts, 1)
     return sparse_linear.init(rng, d, num_experts, density, dtype)
 
 
 def check_k(k, num_experts):
     """Validate the number of experts per token: an int in [1, num_experts]."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"k must be an int, got {type(k).__name__} {k!r}")
+        raise TypeError(f"k must be an int, got {type(k).__name__} {shorten(repr(k))}")
     if not 1 <= k <= num_experts:
         raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k}")
     return int(k)
@@ -140,6 +143,9 @@ def forward(x, params, k, renormalize=True, noise=None):
     cache : Cache
     """
     check_array("x", x, ndim=2, axes="(N, D)")
+    renormalize = check_bool("renormalize", renormalize)
+    check_params("params", params, ("W", "b"))
+    check_csr("params['W']", params["W"])
     num_experts = params["W"].shape[0]
     k = check_k(k, num_experts)
     logits, lin_cache = sparse_linear.forward(x, params)         # (N, E) transposed view
@@ -179,6 +185,8 @@ def backward(dgates, cache, dprobs=None, dlogits=None):
     dx : (N, D)
     dparams : {"W": csr_array with W's pattern, "b": (E,)}
     """
+    check_cache(cache, Cache)
+    check_grad("dgates", dgates, cache.gates.shape, cache.gates.dtype)
     lin_cache, sm_cache, experts, gates, total = cache
     probs = sm_cache.p
     n = probs.shape[0]

@@ -53,7 +53,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import softmax, sparse_linear
-from .._checks import check_array, check_int, check_same_dtype
+from .._checks import (check_array, check_bool, check_cache, check_csr, check_grad, check_int,
+                       check_params, check_same_dtype)
 
 PROJECTIONS = ("q", "k", "v", "o")
 
@@ -104,8 +105,7 @@ def make_mask(valid=None, *, S=None, causal=False, prefix=0):
         raise ValueError("S must be given when valid is None, got S=None")
     S = check_int("S", S, 1)
     prefix = check_int("prefix", prefix, 0, S)
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
+    check_bool("causal", causal)
     s = np.arange(S)[:, None]                                      # (S, 1) query position
     t = np.arange(S)[None, :]                                      # (1, S) key position
     if causal or prefix > 0:
@@ -184,7 +184,10 @@ def forward(x, params, heads, mask=None):
     check_array("x", x, ndim=3, axes="(B, S, D)")
     B, S, D = x.shape
     heads = _check_heads(heads, D)
+    check_params("params", params, PROJECTIONS)
     for name in PROJECTIONS:
+        check_params(f"params['{name}']", params[name], ("W", "b"))
+        check_csr(f"params['{name}']['W']", params[name]["W"])
         W = params[name]["W"]
         if W.shape != (D, D):
             raise ValueError(f"params['{name}']['W'] must have shape (D, D)=({D}, {D}), "
@@ -222,6 +225,9 @@ def backward(dy, cache):
     dx : (B, S, D)
     dparams : {"q","k","v","o"}, each {"W": csr_array with W's pattern, "b": (D,)}.
     """
+    check_cache(cache, Cache)
+    o = cache.lin["o"]
+    check_grad("dy", dy, o.lead + (o.W.shape[0],), cache.q.dtype)
     lin, q, k, v, p, scale = cache
     heads = q.shape[1]
     dparams = {}

@@ -50,7 +50,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._checks import check_array, check_same_dtype
+from .._checks import check_array, check_cache, check_grad, check_same_dtype
 from .softmax import logsumexp
 
 LOG_LOGIT_SCALE_INIT = float(np.log(1.0 / 0.07))  # CLIP's initial temperature 0.07: s = 14.29
@@ -175,6 +175,8 @@ def backward(dloss, cache):
     dtxt : (B, D)
     dlog_logit_scale : () array
     """
+    check_cache(cache, Cache)
+    check_grad("dloss", dloss, ())
     img, txt, sim, scale, dlogits_unit = cache
     dtype = img.dtype
     dlogits = float(dloss) * dlogits_unit                        # (B, B)

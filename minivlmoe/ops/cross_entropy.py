@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._checks import check_array, check_int
+from .._checks import check_array, check_cache, check_grad, check_int
 from .softmax import logsumexp
 
 
@@ -101,6 +101,8 @@ def backward(dloss, cache):
     -------
     dlogits : shape and dtype of ``logits``; exactly 0 on ignored positions.
     """
+    check_cache(cache, Cache)
+    check_grad("dloss", dloss, ())
     probs, t, keep, count, shape = cache
     rows = np.arange(probs.shape[0])                             # (N,)
     # loss = sum_{n in K} nll_n / count  ->  dnll_n = dloss / count on kept rows, else 0

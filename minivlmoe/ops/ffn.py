@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import gelu, sparse_linear
+from .._checks import check_cache, check_int, check_params
 
 
 def init(rng, d, hidden, density=1.0, dtype=np.float32):
@@ -42,6 +43,8 @@ def init(rng, d, hidden, density=1.0, dtype=np.float32):
     density : float in (0, 1], stored fraction of each weight row.
     dtype : numpy.float32 or numpy.float64.
     """
+    check_int("d", d, 1)
+    check_int("hidden", hidden, 1)
     return {"fc1": sparse_linear.init(rng, d, hidden, density, dtype),
             "fc2": sparse_linear.init(rng, hidden, d, density, dtype)}
 
@@ -68,6 +71,7 @@ def forward(x, params):
     y : (..., D), dtype of ``x``.
     cache : Cache
     """
+    check_params("params", params, ("fc1", "fc2"))
     a, c1 = sparse_linear.forward(x, params["fc1"])             # (..., F)
     h, ca = gelu.forward(a)                                      # (..., F)
     y, c2 = sparse_linear.forward(h, params["fc2"])             # (..., D)
@@ -87,6 +91,7 @@ def backward(dy, cache):
     dx : (..., D)
     dparams : {"fc1": {"W", "b"}, "fc2": {"W", "b"}}, keyed like the params.
     """
+    check_cache(cache, Cache)
     dh, dfc2 = sparse_linear.backward(dy, cache.fc2)            # (..., F)
     da = gelu.backward(dh, cache.act)                            # (..., F)
     dx, dfc1 = sparse_linear.backward(da, cache.fc1)            # (..., D)

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._checks import check_array
+from .._checks import check_array, check_cache, check_grad
 
 C = float(np.sqrt(2.0 / np.pi))  # a Python float: a NumPy float64 scalar would promote float32 arrays
 A = 0.044715
@@ -63,6 +63,8 @@ def forward(x):
 
 def backward(dout, cache):
     """``dx = dout * (½(1 + t) + ½ x (1 - t²) c (1 + 3 a x²))``; same shape as ``x``."""
+    check_cache(cache, Cache)
+    check_grad("dout", dout, cache.x.shape, cache.x.dtype)
     x, t = cache
     order = _memory_order(x)
     t1 = t.reshape(-1, order=order)                              # (x.size,) flat, as in forward

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._checks import check_array, check_float
+from .._checks import check_array, check_cache, check_float, check_grad
 
 
 class Cache(NamedTuple):
@@ -79,6 +79,8 @@ def backward(dy, cache):
     -------
     dx : (..., D), dtype of ``x``.
     """
+    check_cache(cache, Cache)
+    check_grad("dy", dy, cache.y.shape, cache.y.dtype)
     y, q, normalized = cache
     # y = x / q  ->  dx = dy / q, dq = -sum(dy * x) / q^2 = -sum(dy * y) / q
     dot = np.sum(dy * y, axis=-1, keepdims=True)                 # (..., 1)  <y, dy>

@@ -26,15 +26,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._checks import check_array, check_float, check_int, check_same_dtype
+from .._checks import (check_array, check_cache, check_dtype, check_float, check_grad, check_int,
+                       check_params, check_same_dtype)
 
 
 def init(d, dtype=np.float32):
     """Return ``{"gamma": ones (D,), "beta": zeros (D,)}`` (the identity affine map)."""
     d = check_int("d", d, 1)
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    dtype = check_dtype("dtype", dtype)
     return {"gamma": np.ones(d, dtype=dtype), "beta": np.zeros(d, dtype=dtype)}
 
 
@@ -71,6 +70,7 @@ def forward(x, params, eps=1e-5):
     if x.ndim < 1 or x.shape[-1] < 1:
         raise ValueError(f"x must have shape (..., D) with D >= 1, got {x.shape}")
     d = x.shape[-1]
+    check_params("params", params, ("gamma", "beta"))
     gamma, beta = params["gamma"], params["beta"]
     for name, p in (("params['gamma']", gamma), ("params['beta']", beta)):
         check_array(name, p)
@@ -100,6 +100,8 @@ def backward(dy, cache):
     dx : (..., D)
     dparams : {"gamma": (D,), "beta": (D,)}
     """
+    check_cache(cache, Cache)
+    check_grad("dy", dy, cache.xhat.shape, cache.xhat.dtype)
     xhat, rstd, gamma = cache
     lead_axes = tuple(range(xhat.ndim - 1))                      # every axis but D
     # y = xhat * gamma + beta

@@ -34,7 +34,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import sparse_linear
-from .._checks import check_array, check_int, check_same_dtype, check_shape
+from .._checks import (check_array, check_cache, check_csr, check_dtype, check_grad, check_int,
+                       check_params, check_same_dtype, check_shape)
 
 
 def _check_patch(patch, image_size):
@@ -113,6 +114,7 @@ def init(rng, image_size, patch, channels, d, density=1.0, dtype=np.float32):
     patch = _check_patch(patch, image_size)
     channels = check_int("channels", channels, 1)
     d = check_int("d", d, 1)
+    dtype = check_dtype("dtype", dtype)
     P = (image_size // patch) ** 2
     proj = sparse_linear.init(rng, patch * patch * channels, d, density, dtype)
     cls = (0.02 * rng.standard_normal(d)).astype(dtype)            # (D,)
@@ -149,6 +151,9 @@ def forward(images, params, patch):
     cache : Cache (fields ``lin``, ``patch``).
     """
     check_array("images", images, ndim=4, axes="(B, R, R, Ch)")
+    check_params("params", params, ("proj", "cls", "pos"))
+    check_params("params['proj']", params["proj"], ("W", "b"))
+    check_csr("params['proj']['W']", params["proj"]["W"])
     cls, pos, W = params["cls"], params["pos"], params["proj"]["W"]
     D = W.shape[0]
     check_array("params['cls']", cls, ndim=1, axes="(D,)")
@@ -184,6 +189,10 @@ def backward(dtokens, cache):
     dimages : (B, R, R, Ch)
     dparams : {"proj": {"W": csr_array with W's pattern, "b": (D,)}, "cls": (D,), "pos": (1+P, D)}
     """
+    check_cache(cache, Cache)
+    B, P = cache.lin.lead
+    W = cache.lin.W
+    check_grad("dtokens", dtokens, (B, 1 + P, W.shape[0]), W.dtype)
     lin, patch = cache
     # tokens += pos  (pos broadcast over B)  ->  sum over B
     dpos = dtokens.sum(axis=0)                                     # (1+P, D)

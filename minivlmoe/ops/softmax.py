@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._checks import check_array, check_int
+from .._checks import check_array, check_bool, check_cache, check_grad, check_int
 
 
 def _check_logits(name, x, axis):
@@ -79,6 +79,7 @@ def logsumexp(x, axis=-1, keepdims=False):
         ``-inf`` for an all ``-inf`` slice.  Its gradient is ``softmax(x, axis)``.
     """
     axis = _check_logits("x", x, axis)
+    keepdims = check_bool("keepdims", keepdims)
     e, m = _shifted_exp("x", x, axis)                            # (...), (..., 1, ...)
     s = e.sum(axis=axis, keepdims=True)                          # (..., 1, ...) in [1, n], or 0
     with np.errstate(divide="ignore"):                           # log(0) = -inf: all masked
@@ -126,6 +127,8 @@ def backward(dp, cache):
     the output does not depend on it (its two contributions cancel exactly).  Where
     ``p = 0`` (masked entries, all-masked slices) ``dx`` is exactly 0.
     """
+    check_cache(cache, Cache)
+    check_grad("dp", dp, cache.p.shape, cache.p.dtype)
     p, axis = cache
     dx = p * dp                                                  # (...)
     dot = dx.sum(axis=axis, keepdims=True)                       # (..., 1, ...) sum p dp

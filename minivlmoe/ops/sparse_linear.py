@@ -58,7 +58,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..tree import csr_on_pattern, with_values
-from .._checks import check_array, check_csr, check_float, check_int, check_same_dtype
+from .._checks import (check_array, check_cache, check_csr, check_dtype, check_float, check_grad,
+                       check_int, check_params, check_rng, check_same_dtype)
 
 DENSE_ABOVE = 0.075
 GATHER_BELOW = 0.02
@@ -78,15 +79,12 @@ def init(rng, d_in, d_out, density=1.0, dtype=np.float32, group=16):
     group : int >= 1; consecutive output rows in groups of ``gcd(d_out, group)`` share
         their column set (1 = unstructured).
     """
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    check_rng("rng", rng)
     d_in = check_int("d_in", d_in, 1)
     d_out = check_int("d_out", d_out, 1)
     density = check_float("density", density, 0.0, 1.0, low_open=True)
     group = check_int("group", group, 1)
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    dtype = check_dtype("dtype", dtype)
     z = max(1, int(round(density * d_in)))                       # stored entries per row
     r = math.gcd(d_out, group)                                   # rows per group
     scores = rng.random((d_out // r, d_in))                      # (G, Din)
@@ -169,8 +167,10 @@ def forward(x, params):
     y : (..., Dout), dtype of ``x``.
     cache : Cache
     """
+    check_params("params", params, ("W", "b"))
     W, b = params["W"], params["b"]
     check_csr("params['W']", W)
+    check_array("params['W'].data", W.data)                     # dtype and finite, O(nnz)
     d_out, d_in = W.shape
     check_array("x", x)
     if x.ndim < 1 or x.shape[-1] != d_in:
@@ -225,6 +225,8 @@ def backward(dy, cache):
     dx : (..., Din)
     dparams : {"W": csr_array with W's pattern, "b": (Dout,)}
     """
+    check_cache(cache, Cache)
+    check_grad("dy", dy, cache.lead + (cache.W.shape[0],), cache.W.dtype)
     saved, W, Wd, groups, lead = cache
     d_out, d_in = W.shape
     dy2 = np.asarray(dy).reshape(-1, d_out)                      # (N, Dout)

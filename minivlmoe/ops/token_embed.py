@@ -28,7 +28,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._checks import check_array, check_int, check_same_dtype
+from .._checks import (check_array, check_cache, check_dtype, check_grad, check_int, check_params,
+                       check_same_dtype)
 
 
 def init(rng, vocab, max_len, d, dtype=np.float32):
@@ -38,9 +39,7 @@ def init(rng, vocab, max_len, d, dtype=np.float32):
     vocab = check_int("vocab", vocab, 1)
     max_len = check_int("max_len", max_len, 1)
     d = check_int("d", d, 1)
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    dtype = check_dtype("dtype", dtype)
     tok = (0.02 * rng.standard_normal((vocab, d))).astype(dtype)      # (V, D)
     pos = (0.02 * rng.standard_normal((max_len, d))).astype(dtype)    # (Tmax, D)
     return {"tok": tok, "pos": pos}
@@ -73,6 +72,7 @@ def forward(ids, params):
     x : (B, T, D), dtype of the tables.
     cache : Cache (fields ``ids``, ``vocab``, ``max_len``).
     """
+    check_params("params", params, ("tok", "pos"))
     tok, pos = params["tok"], params["pos"]
     check_array("params['tok']", tok, ndim=2, axes="(V, D)")
     check_array("params['pos']", pos, ndim=2, axes="(Tmax, D)")
@@ -106,6 +106,8 @@ def backward(dx, cache):
     dparams : {"tok": (V, D), "pos": (Tmax, D)}; rows of ids that never occur, and
         positions t >= T, get zero gradient.
     """
+    check_cache(cache, Cache)
+    check_grad("dx", dx, cache.ids.shape + (None,))
     ids, V, Tmax = cache
     B, T, D = dx.shape
     # x = ... + pos[:T]  (broadcast over B)  ->  sum over B into the first T rows
