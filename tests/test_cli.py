@@ -118,6 +118,9 @@ def test_retrieve(run_dir, capsys):
     ["caption", "x.npz", "--n", "0"],
     ["retrieve", "x.npz"],
     ["retrieve", "x.npz", "a red circle", "--top", "many"],
+    ["--threads", "0", "gradcheck"],
+    ["--threads", "two", "train"],
+    ["--thread", "2", "gradcheck"],                 # no abbreviations (minivlmoe/threads.py)
 ])
 def test_bad_arguments_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
