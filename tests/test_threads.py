@@ -122,3 +122,24 @@ def test_limit_sets_the_environment_before_numpy_loads(monkeypatch):
     with threads.limit(None):
         pass
     assert os.environ["OPENBLAS_NUM_THREADS"] == "3"
+
+
+# ----------------------------------------------------------------------------- runs/ in cwd
+
+def test_cli_tests_pass_from_a_checkout_that_already_holds_a_run(tmp_path):
+    """The README's `train` leaves runs/default-modality/ in the checkout; the CLI tests
+    (the bad-argument cases among them, whose `train` would default to that folder) run
+    from such a directory and still pass, because each test runs in its own cwd."""
+    checkout = tmp_path / "checkout"
+    run = checkout / "runs" / "default-modality"
+    assert cli.main(["train", "--preset", "tiny", "--steps", "2", "--quiet",
+                     "--out", str(run)]) == 0
+    assert (run / "config.json").exists() and (run / "ckpt.npz").exists()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         f"--basetemp={tmp_path / 'basetemp'}", str(ROOT / "tests" / "test_cli.py"),
+         "-k", "bad_arguments"],
+        cwd=checkout, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert re.search(r"\b1\d passed\b", proc.stdout), proc.stdout[-2000:]
+    assert sorted(p.name for p in (checkout / "runs").iterdir()) == ["default-modality"]
