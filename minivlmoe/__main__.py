@@ -1,4 +1,8 @@
-"""``python -m minivlmoe`` entry point (see minivlmoe/cli.py)."""
+"""``python -m minivlmoe`` entry point (see minivlmoe/cli.py).
+
+Like the ``minivlmoe`` console script (``minivlmoe.cli:main``), it loads no NumPy before
+``cli.main`` has chosen the BLAS threads (minivlmoe/threads.py).
+"""
 
 import sys
 

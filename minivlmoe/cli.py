@@ -9,6 +9,9 @@ caption     greedy captions of test images, next to the reference captions.
 retrieve    the test images that best match a caption.
 plot        the training losses and evaluations of run folders (text, or a PNG).
 
+Global option: ``--threads N`` BLAS threads, 1 by default (minivlmoe/threads.py says why
+and who wins over whom); it goes before the subcommand.
+
 Exit status: 0 success, 1 a failed check or an expected failure (one line on
 stderr, ``minivlmoe: error: <what> (<path or value>)``, no traceback), 2 bad
 command-line arguments (argparse's usage error).
@@ -40,12 +43,16 @@ import argparse
 import os
 import sys
 
-import numpy as np
+# No NumPy at the top: main() sets the BLAS threads before anything loads NumPy
+# (minivlmoe/threads.py); import it inside the functions that need it.
+from . import threads
 
 
 def cmd_gradcheck(args):
     """One row per (op, argument) of every case in the test registry, reading order
     (minivlmoe.testing.GROUPS); a skipped argument's row says ``skip (<reason>)``."""
+    import numpy as np
+
     from .gradcheck import check_case
     from .testing import all_cases
 
@@ -121,6 +128,8 @@ def _train_overrides(args):
 def cmd_train(args):
     import dataclasses
     import json
+
+    import numpy as np
 
     from . import runs, train
 
@@ -255,6 +264,8 @@ def cmd_caption(args):
 
 
 def cmd_retrieve(args):
+    import numpy as np
+
     from . import inference
     from .world import to_ascii
     from .tokenizer import PAD_ID, UNK_ID, tokenize
@@ -339,7 +350,14 @@ def build_parser():
     from .model import EXPERT_MODES
     from .runs import PRESETS
 
-    parser = argparse.ArgumentParser(prog="minivlmoe", description=__doc__.splitlines()[0])
+    # allow_abbrev=False: threads.option reads --threads from argv before this parser runs
+    parser = argparse.ArgumentParser(prog="minivlmoe", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                        help=f"BLAS threads (default {threads.DEFAULT}, unless "
+                        "OPENBLAS_NUM_THREADS or OMP_NUM_THREADS is set); give it before "
+                        "the subcommand")
+    parser.add_argument("--debug-threads", action="store_true", help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
     p = sub.add_parser("gradcheck", help="finite-difference check of every op's backward")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -402,12 +420,20 @@ def build_parser():
 
 
 def main(argv=None):
-    """Run one subcommand; the expected failures (module docstring) become one line and
-    exit status 1, anything else keeps its traceback."""
+    """Run one subcommand with the BLAS threads chosen (module docstring); the expected
+    failures become one line and exit status 1, anything else keeps its traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with threads.limit(threads.choose(argv)):    # before the parser's imports load NumPy
+        return _run(argv)
+
+
+def _run(argv):
     from .checkpoint import CheckpointError
     from .train import TrainingDiverged
 
     args = build_parser().parse_args(argv)
+    if args.debug_threads:
+        print(f"minivlmoe: {threads.describe()}", file=sys.stderr)
     try:
         return args.func(args)
     except CheckpointError as e:  # a bad checkpoint or run folder

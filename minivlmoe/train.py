@@ -13,11 +13,12 @@ the model from ``train_cfg.seed`` and repeats ``train_cfg.steps`` times::
 
 Every ``eval_every`` steps and at the end it runs :func:`minivlmoe.evaluate.evaluate`
 on the test split, appends one JSON line to ``DIR/metrics.jsonl`` and writes
-``DIR/ckpt.npz``; just before, the steps since the last checkpoint go to
-``DIR/history.jsonl`` (one line per step: lr, grad_norm and the losses), so the history
-ends at the checkpoint's step and a resume truncates it to that step, like metrics.jsonl (atomically, :mod:`minivlmoe.checkpoint`).  ``DIR/config.json`` holds
-the run's configuration (the configurations, presets and files: :mod:`minivlmoe.runs`).  A progress line goes to stderr at most every
-``PROGRESS_EVERY_S`` seconds.
+``DIR/ckpt.npz`` (atomically, :mod:`minivlmoe.checkpoint`); just before, the steps since
+the last checkpoint go to ``DIR/history.jsonl`` (one line per step: lr, grad_norm and the
+losses), so the history ends at the checkpoint's step and a resume truncates it to that
+step, like metrics.jsonl.  ``DIR/config.json`` holds the run's configuration (the
+configurations, presets and files: :mod:`minivlmoe.runs`).  A progress line goes to
+stderr at most every ``PROGRESS_EVERY_S`` seconds.
 
 Randomness and resume
 ---------------------
@@ -195,13 +196,18 @@ def _fmt_time(seconds):
 
 
 class _Progress:
-    """The stderr progress line, written at most every PROGRESS_EVERY_S seconds."""
+    """The stderr progress line, written at most every PROGRESS_EVERY_S seconds.
 
-    def __init__(self, stream, total_steps, tokens_per_step):
+    tokens/s and the ETA come from the (time, step) pairs of the last 50 steps since the
+    start or the last evaluation, the start or the evaluation's end included, so the very
+    first line and the first line after an evaluation have them too.
+    """
+
+    def __init__(self, stream, total_steps, tokens_per_step, step=0):
         self.stream, self.total, self.tokens = stream, total_steps, tokens_per_step
         self.last = -math.inf
-        # (time, step) of the last 50 steps since the last evaluation: tokens/s and ETA
-        self.window = collections.deque(maxlen=50)
+        # (time, step) of the last steps since the start or the last evaluation
+        self.window = collections.deque([(time.perf_counter(), step)], maxlen=51)
 
     def update(self, step, losses, lr, elapsed):
         now = time.perf_counter()
@@ -219,8 +225,15 @@ class _Progress:
               f"{_fmt_time(elapsed)} elapsed, ETA {_fmt_time(eta) if rate > 0 else '?'}",
               file=self.stream, flush=True)
 
+    def evaluating(self, step, n_test):
+        """Say that an evaluation starts (it takes seconds with no other output)."""
+        if self.stream is not None:
+            print(f"step {step:>5}/{self.total} | evaluating on {n_test} test pairs ...",
+                  file=self.stream, flush=True)
+
     def evaluation(self, record):
         self.window.clear()                  # the evaluation's pause is not a slow step
+        self.window.append((time.perf_counter(), record["step"]))
         if self.stream is not None:
             print(f"eval @ step {record['step']}: i2t R@1 {record['i2t_r1']:.3f}  "
                   f"t2i R@1 {record['t2i_r1']:.3f}  caption exact "
@@ -430,7 +443,7 @@ def train(model_cfg, train_cfg, out_dir=None, *, resume=False, stop_at=None,
 
     P = (model_cfg.image_size // model_cfg.patch) ** 2
     bar = _Progress(progress, train_cfg.steps,
-                    train_cfg.batch_size * (1 + P + model_cfg.max_text_len))
+                    train_cfg.batch_size * (1 + P + model_cfg.max_text_len), state.step)
     sections = timer if timer is not None else NULL_TIMER
     history, evaluations = [], []
     check, clips = _DivergenceCheck(), _ClipMonitor(adamw.max_grad_norm)
@@ -479,6 +492,7 @@ def train(model_cfg, train_cfg, out_dir=None, *, resume=False, stop_at=None,
         if state.step == train_cfg.steps or (train_cfg.eval_every
                                              and state.step % train_cfg.eval_every == 0):
             clips.report(state.step, progress)
+            bar.evaluating(state.step, len(splits.test))
             try:
                 record = _eval_record(state, model_cfg, train_cfg, splits.test, tokenizer,
                                       lr=info["lr"], elapsed=elapsed(), decode=decode_eval)

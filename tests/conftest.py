@@ -1,4 +1,10 @@
-"""Shared test setup: hypothesis profiles and small helpers.
+"""Shared test setup: hypothesis profiles, an empty working directory, small helpers.
+
+Every test runs in its own empty temporary working directory (``_isolated_cwd``), so
+nothing a test writes to a relative path (the CLI's default ``runs/PRESET-EXPERTS``)
+lands in the checkout, and a checkout that already holds runs cannot change a test's
+outcome (tests/test_threads.py checks it).  Hypothesis keeps its example database in
+the checkout's ``.hypothesis/`` (its path is fixed when hypothesis is imported).
 
 Profiles (select with HYPOTHESIS_PROFILE=name, or `pytest --hypothesis-profile=name`):
   dev       quick default for local runs (random, few examples)
@@ -33,6 +39,12 @@ def readonly(*arrays):
     for a in arrays:
         a.flags.writeable = False
     return arrays[0] if len(arrays) == 1 else arrays
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cwd(tmp_path, monkeypatch):
+    """Each test starts in its own empty directory (the test's tmp_path)."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture

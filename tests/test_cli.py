@@ -4,6 +4,7 @@
 """
 
 import json
+import re
 import zipfile
 
 import pytest
@@ -125,6 +126,9 @@ def test_retrieve_long_caption_is_one_short_line(run_dir, capsys):
     ["caption", "x.npz", "--n", "0"],
     ["retrieve", "x.npz"],
     ["retrieve", "x.npz", "a red circle", "--top", "many"],
+    ["--threads", "0", "gradcheck"],
+    ["--threads", "two", "train"],
+    ["--thread", "2", "gradcheck"],                 # no abbreviations (minivlmoe/threads.py)
 ])
 def test_bad_arguments_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -167,3 +171,23 @@ def test_train_step_benchmark_reports_every_part(monkeypatch, capsys):
     assert "tokens/s" in out
     for part in ("attention", "losses", "optimizer", "data", "other"):
         assert part in out, part
+
+
+def test_progress_has_speed_and_eta_from_the_first_line_and_announces_evaluations(
+        monkeypatch):
+    import io
+
+    monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0.0)           # a line at every step
+    stream = io.StringIO()
+    mcfg, tcfg = runs.preset_configs("tiny", steps=6, eval_every=3)
+    train.train(mcfg, tcfg, None, progress=stream)
+    lines = stream.getvalue().splitlines()
+    steps = [line for line in lines if " | loss " in line]
+    assert len(steps) == 6 and steps[0].startswith("step     1/6")
+    for line in steps:                              # the first, and the first after eval
+        assert "? tok/s" not in line and "ETA ?" not in line, line
+        assert re.search(r"\| [\d,]+ tok/s \| .* ETA \d+:\d\d$", line), line
+    notices = [i for i, line in enumerate(lines) if "evaluating on 32 test pairs ..." in line]
+    evals = [i for i, line in enumerate(lines) if line.startswith("eval @ step")]
+    assert len(evals) == 2 and [i + 1 for i in notices] == evals
+    assert lines[notices[0]].startswith("step     3/6 | evaluating")
