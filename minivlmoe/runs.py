@@ -20,7 +20,7 @@ also checks it against a freshly initialized model of its config.  The training 
 that writes these files is :mod:`minivlmoe.train`.
 
 Crash safety: config.json and ckpt.npz are replaced atomically
-(:func:`minivlmoe.checkpoint.atomic_write`), metrics.jsonl and history.jsonl are appended
+(:func:`minivlmoe.atomic.atomic_write`), metrics.jsonl and history.jsonl are appended
 in whole lines per ``write`` and ``fsync``ed, so a kill or a power cut leaves at worst a
 torn last line, which :func:`read_jsonl` drops; the temporary files of killed writes are
 removed by the next write and on resume (:func:`remove_run_temps`).
@@ -37,7 +37,7 @@ import os
 import numpy as np
 import scipy.sparse as sp
 
-from . import checkpoint, model, optim
+from . import atomic, checkpoint, model, optim
 from .ops import contrastive
 from .tree import flatten
 from .model import EXPERT_MODES
@@ -400,13 +400,13 @@ class MetricsError(checkpoint.CheckpointError):
 def remove_run_temps(out_dir):
     """Delete the temporary files killed writes of the run folder's files left behind.
 
-    Only the names :func:`minivlmoe.checkpoint.atomic_write` gives the temporary files of
+    Only the names :func:`minivlmoe.atomic.atomic_write` gives the temporary files of
     DIR/ckpt.npz, DIR/config.json, DIR/metrics.jsonl and DIR/history.jsonl
     (``.ckpt.npz.<12 hex>.tmp``, ...) are removed; every other file stays.  Returns the
     removed names.
     """
     return [name for file in (CKPT_NAME, CONFIG_NAME, METRICS_NAME, HISTORY_NAME)
-            for name in checkpoint.remove_stale_temps(os.path.join(out_dir, file))]
+            for name in atomic.remove_stale_temps(os.path.join(out_dir, file))]
 
 
 def new_run_folder(out_dir, config):
@@ -423,10 +423,10 @@ def new_run_folder(out_dir, config):
     remove_run_temps(out_dir)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(out_dir, CKPT_NAME))
-    checkpoint.atomic_write(os.path.join(out_dir, CONFIG_NAME),
+    atomic.atomic_write(os.path.join(out_dir, CONFIG_NAME),
                             (json.dumps(config, indent=2) + "\n").encode("utf-8"))
-    checkpoint.atomic_write(os.path.join(out_dir, METRICS_NAME), b"")
-    checkpoint.atomic_write(os.path.join(out_dir, HISTORY_NAME), b"")
+    atomic.atomic_write(os.path.join(out_dir, METRICS_NAME), b"")
+    atomic.atomic_write(os.path.join(out_dir, HISTORY_NAME), b"")
 
 
 def append_jsonl(path, record):
@@ -510,4 +510,4 @@ def truncate_jsonl(path, step):
     """
     records = [r for r in read_jsonl(path) if r["step"] <= step]
     text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
-    checkpoint.atomic_write(path, text.encode("utf-8"))
+    atomic.atomic_write(path, text.encode("utf-8"))

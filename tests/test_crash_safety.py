@@ -13,7 +13,7 @@ import runpy
 import numpy as np
 import pytest
 
-from minivlmoe import checkpoint, runs, train
+from minivlmoe import atomic, checkpoint, runs, train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -179,9 +179,9 @@ def test_next_save_removes_stale_temps_and_nothing_else(tmp_path):
 def test_remove_stale_temps_returns_what_it_removed(tmp_path):
     names = sorted(stale(tmp_path, "run.npz") for _ in range(2))
     other = stale(tmp_path, "other.npz")
-    assert checkpoint.remove_stale_temps(tmp_path / "run.npz") == names
+    assert atomic.remove_stale_temps(tmp_path / "run.npz") == names
     assert os.listdir(tmp_path) == [other]
-    assert checkpoint.remove_stale_temps(tmp_path / "missing-folder" / "run.npz") == []
+    assert atomic.remove_stale_temps(tmp_path / "missing-folder" / "run.npz") == []
 
 
 def test_resume_removes_the_run_folders_stale_temps_and_nothing_else(tmp_path):
@@ -217,8 +217,8 @@ def test_config_json_is_written_atomically(tmp_path, monkeypatch, target):
     config_path = tmp_path / runs.CONFIG_NAME
     old = config_path.read_bytes()
     if target == "half":                                # the write itself fails midway
-        real = checkpoint.atomic_write
-        monkeypatch.setattr(checkpoint, "atomic_write",
+        real = atomic.atomic_write
+        monkeypatch.setattr(atomic, "atomic_write",
                             lambda path, content: real(path, _fail_after_half(content)))
     else:
         def fail(*args):
