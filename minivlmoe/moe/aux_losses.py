@@ -161,12 +161,10 @@ def load_balance_backward(dloss, cache):
     check_grad("dloss", dloss, ())
     f, n_tokens = cache
     n_experts = f.shape[0]
-    if n_tokens == 0:
-        return np.zeros((0, n_experts), dtype=f.dtype)
     # loss = E * sum_e f_e P_e            ->  dP_e = dloss * E * f_e
     dP = float(dloss) * n_experts * f                            # (E,)
-    # P_e = (1/N) sum_n probs[n, e]       ->  dprobs[n, e] = dP_e / N
-    dprobs = np.repeat((dP / n_tokens)[None, :], n_tokens, axis=0)  # (N, E)
+    # P_e = (1/N) sum_n probs[n, e]       ->  dprobs[n, e] = dP_e / N  (N = 0: (0, E))
+    dprobs = np.repeat((dP / max(n_tokens, 1))[None, :], n_tokens, axis=0)  # (N, E)
     return dprobs.astype(f.dtype, copy=False)
 
 
@@ -263,9 +261,7 @@ def z_loss_backward(dloss, cache):
     check_cache(cache, ZLossCache)
     check_grad("dloss", dloss, ())
     probs, lse = cache
-    n_tokens = lse.shape[0]
-    if n_tokens == 0:
-        return np.zeros_like(probs)
+    n_tokens = lse.shape[0]                                      # N = 0: empty arrays below
     # loss = (1/N) sum_n lse_n^2          ->  dlse_n = dloss * 2 lse_n / N
     dlse = float(dloss) * 2.0 * lse / n_tokens                   # (N,)
     # lse_n = logsumexp_e logits[n, e]    ->  dlogits[n, e] = dlse_n * softmax[n, e]
