@@ -30,7 +30,7 @@ from .model import EXPERT_MODES
 from ._checks import check_choice, check_float, check_int
 from .scenes import grammar_words, max_caption_words
 from .tokenizer import Tokenizer
-from .userdata import DataError, open_source
+from .userdata import DataError, open_source, resolve
 from .world import make_splits
 
 RUN_FORMAT = "minivlmoe-run"
@@ -139,8 +139,8 @@ def preset_configs(name="default", *, experts=None, dtype=None, data=None, patch
     ``seed``, ``batch_size``, ...) may be overridden by keyword (None = keep the
     preset's).  Overriding ``steps`` alone caps the warmup at a fifth of the steps.
     The text length and the vocabulary follow from the world (``max_objects``) and the
-    tokenizer.  With ``data`` (a :class:`minivlmoe.userdata.UserData`) they follow from
-    the data instead (:func:`fit_to_data`; ``patch`` overrides the patch size).
+    tokenizer.  With ``data`` (a :class:`minivlmoe.userdata.UserData` or a (train, test)
+    pair of datasets) they follow from the data instead (:func:`fit_to_data`; ``patch`` overrides the patch size).
     """
     check_choice("preset", name, PRESETS)
     model_kw, train_kw = PRESETS[name]
@@ -172,25 +172,26 @@ def default_patch(image_size, preferred=8):
 
 
 def fit_to_data(model_kw, train_cfg, data, *, patch=None):
-    """(ModelConfig, TrainConfig) of a run on ``data`` (a UserData).
+    """(ModelConfig, TrainConfig) of a run on ``data`` (a UserData or a (train, test)
+    pair of ImageCaptionDataset, :func:`minivlmoe.userdata.resolve`).
 
     The data set fixes the image size, the train and test sizes (the split of
     ``train_cfg.data_seed``), the vocabulary (:func:`data_tokenizer`) and the text
     length (longest training caption + 2; longer test captions are truncated).  The
     patch is ``patch``, else :func:`default_patch` of the model's patch.
     """
-    splits = data.splits(train_cfg.data_seed)
+    splits, _, name = resolve(data, train_cfg.data_seed)
     if len(splits.train) < train_cfg.batch_size:
         raise ValueError(f"batch_size must be at most the {len(splits.train)} training "
-                         f"pairs of {data.path}, got {train_cfg.batch_size}")
+                         f"pairs of {name}, got {train_cfg.batch_size}")
     train_cfg = dataclasses.replace(train_cfg, n_train=len(splits.train),
                                     n_test=len(splits.test))
-    R = data.image_size
+    R = splits.train.image_size
     if patch is None:
         patch = default_patch(R, model_kw.get("patch", 8))
     patch = check_int("patch", patch, 1)
     if R % patch:
-        raise ValueError(f"patch must divide the image size {R} of {data.path}, got {patch}")
+        raise ValueError(f"patch must divide the image size {R} of {name}, got {patch}")
     tokenizer = data_tokenizer(splits.train)
     mcfg = model.ModelConfig(**{**model_kw, "image_size": R, "patch": patch,
                                 "vocab_size": tokenizer.vocab_size,

@@ -54,7 +54,7 @@ from .runs import (CKPT_NAME, CONFIG_NAME, METRICS_NAME, TrainConfig, append_jso
                    run_config, truncate_metrics)
 from .timing import NULL_TIMER
 from .tokenizer import PAD_ID
-from .userdata import UserData
+from .userdata import resolve
 
 PROGRESS_EVERY_S = 2.0
 
@@ -236,27 +236,23 @@ def _eval_record(state, model_cfg, train_cfg, test, tokenizer, *, lr, elapsed, d
 
 
 def _data_setup(model_cfg, train_cfg, data):
-    """(splits, tokenizer, source) of the built-in world (``data=None``) or a UserData,
-    checking that the configs fit the data (runs.fit_to_data)."""
+    """(splits, tokenizer, source) of the built-in world (``data=None``) or your data
+    (:func:`minivlmoe.userdata.resolve`), checking that the configs fit the data."""
     if data is None:
         return make_data(train_cfg, model_cfg.image_size), builtin_tokenizer(), None
-    if not isinstance(data, UserData):
-        raise TypeError(f"data must be a minivlmoe.userdata.UserData or None, got "
-                        f"{type(data).__name__}")
-    splits = data.splits(train_cfg.data_seed)
+    splits, source, name = resolve(data, train_cfg.data_seed)
     tokenizer = data_tokenizer(splits.train)
-    want = {"model_cfg.image_size": (model_cfg.image_size, data.image_size),
+    want = {"model_cfg.image_size": (model_cfg.image_size, splits.train.image_size),
             "model_cfg.vocab_size": (model_cfg.vocab_size, tokenizer.vocab_size),
             "model_cfg.max_text_len": (model_cfg.max_text_len,
                                        tokenizer.max_words(splits.train.captions) + 2),
             "train_cfg.n_train": (train_cfg.n_train, len(splits.train)),
             "train_cfg.n_test": (train_cfg.n_test, len(splits.test))}
-    for name, (got, expected) in want.items():
+    for field, (got, expected) in want.items():
         if got != expected:
-            raise ValueError(f"{name} must be {expected} for the data {data.path}, got "
-                             f"{got}; build the configs with "
-                             f"runs.preset_configs(..., data=data)")
-    return splits, tokenizer, data.source
+            raise ValueError(f"{field} must be {expected} for the data {name}, got {got}; "
+                             f"build the configs with runs.preset_configs(..., data=data)")
+    return splits, tokenizer, source
 
 
 def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_at=None,
@@ -267,11 +263,12 @@ def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_a
     ----------
     model_cfg : model.ModelConfig.   train_cfg : TrainConfig.
     out_dir : str or None; None writes nothing (no resume then).
-    data : None (the built-in world of ``train_cfg``) or a
+    data : None (the built-in world of ``train_cfg``), a
         :class:`minivlmoe.userdata.UserData` (split with ``train_cfg.data_seed``; its
-        source is recorded in config.json, so the CLI can reload the run); build the
-        configs with ``runs.preset_configs(..., data=data)``.  The tokenizer is every
-        word of the training captions.
+        file is recorded in config.json, so the CLI can reload the run) or a pair
+        ``(train, test)`` of ImageCaptionDataset (a digest is recorded; reload it from
+        Python).  Build the configs with ``runs.preset_configs(..., data=data)``; the
+        tokenizer is every word of the training captions.
     resume : continue from ``out_dir/ckpt.npz`` (whose config must equal this one).
     stop_at : int or None; end this call after that step (saving a checkpoint), as if
         interrupted; the schedule still runs to ``train_cfg.steps``.

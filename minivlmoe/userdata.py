@@ -129,6 +129,34 @@ class UserData:
                         for mask in (~test, test)))
 
 
+def resolve(data, data_seed):
+    """``(splits, source, name)`` of a data argument of ``train.train``.
+
+    ``data`` is a :class:`UserData` (split by ``data_seed``; source: its file) or a pair
+    ``(train, test)`` of :class:`ImageCaptionDataset` (source ``{"kind": "memory",
+    "sha256"}``, a digest of the arrays and captions: such a run resumes from Python
+    with the same datasets, but the CLI cannot rebuild it).
+    """
+    if isinstance(data, UserData):
+        return data.splits(data_seed), data.source, data.path
+    if (isinstance(data, (tuple, list)) and len(data) == 2
+            and all(isinstance(d, ImageCaptionDataset) for d in data)):
+        train, test = data
+        if train.image_size != test.image_size or len(test) < 2:
+            raise ValueError(f"data must be (train, test) datasets of one image size with "
+                             f"at least 2 test pairs, got sizes {train.image_size} and "
+                             f"{test.image_size}, {len(test)} test pairs")
+        h = hashlib.sha256()
+        for d in (train, test):
+            h.update(f"{d.images.dtype.str}{d.images.shape}".encode())
+            h.update(np.ascontiguousarray(d.images).tobytes())
+            h.update("\n".join(d.captions).encode() + b"\0")
+        return Splits(train, test), {"kind": "memory", "sha256": h.hexdigest()}, \
+            "the given datasets"
+    raise TypeError(f"data must be None, a minivlmoe.userdata.UserData or a (train, test) "
+                    f"pair of ImageCaptionDataset, got {type(data).__name__}")
+
+
 def open_source(source, path=None):
     """The :class:`UserData` of a run's recorded ``source`` (``UserData.source``).
 
@@ -136,6 +164,10 @@ def open_source(source, path=None):
     match, and the returned ``source`` keeps the recorded path, so the run's config is
     unchanged.  A missing file or a different checksum raises :class:`DataError`.
     """
+    if isinstance(source, dict) and source.get("kind") == "memory":
+        raise DataError("the run was trained on datasets passed to train.train in Python, "
+                        "not on a file, so its data cannot be read again here; evaluate it "
+                        "with minivlmoe.evaluate.evaluate and the same datasets")
     if not isinstance(source, dict) or source.get("kind") != SOURCE_KIND or \
             set(source) != {"kind", "path", "sha256", "test_fraction"}:
         raise DataError(f"the run's data source must be a dict with kind {SOURCE_KIND!r}, "

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from minivlmoe import cli, runs, train
+from minivlmoe.checkpoint import CheckpointError
 from minivlmoe.userdata import DataError, UserData, open_source
 
 COLORS = {"red": (230, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 230)}
@@ -251,3 +252,27 @@ def test_metrics_compare_captions_in_normalized_form():
     assert keys[0] == keys[1] != keys[2]
     assert captioning(["a red square", "a blue"], ["A Red square!", "a blue square"]) \
         ["caption_exact"] == 0.5
+
+
+def test_train_accepts_a_pair_of_datasets(tmp_path, capsys):
+    from minivlmoe.data import ImageCaptionDataset
+
+    a = tiny_arrays()
+    pair = (ImageCaptionDataset(a["images"][:24], a["captions"][:24].tolist()),
+            ImageCaptionDataset(a["images"][24:], a["captions"][24:].tolist()))
+    mcfg, tcfg = runs.preset_configs("tiny", data=pair, steps=4, eval_every=2, batch_size=8)
+    assert (mcfg.image_size, mcfg.patch, tcfg.n_train, tcfg.n_test) == (8, 4, 24, 6)
+    whole = train.train(mcfg, tcfg, tmp_path / "a", data=pair, progress=None)
+    train.train(mcfg, tcfg, tmp_path / "b", data=pair, stop_at=3, progress=None)
+    resumed = train.train(mcfg, tcfg, tmp_path / "b", data=pair, resume=True, progress=None)
+    assert resumed.history == whole.history[3:]
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["data"]["kind"] == "memory" and len(config["data"]["sha256"]) == 64
+    other = (pair[0], ImageCaptionDataset(a["images"][24:], ["a red square"] * 6))
+    with pytest.raises(CheckpointError, match="data.sha256"):  # other data: refused
+        train.train(mcfg, tcfg, tmp_path / "b", data=other, resume=True, progress=None)
+    assert cli.main(["eval", str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err
+    assert "trained on datasets passed to train.train" in err and err.count("\n") == 1
+    with pytest.raises(TypeError, match="data must be None, a minivlmoe.userdata.UserData"):
+        train.train(mcfg, tcfg, data=pair[0], progress=None)
