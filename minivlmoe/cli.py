@@ -343,7 +343,8 @@ def build_parser():
                    help="objects per image in the data (difficulty)")
     p.add_argument("--n-train", type=_positive_int, help="training pairs")
     p.add_argument("--data", metavar="FILE",
-                   help="train on your own .npz of images and captions (docs/your_data.md)")
+                   help="train on your own .npz of images and captions, or a folder of "
+                        "images with captions.tsv (needs Pillow); docs/your_data.md")
     p.add_argument("--test-fraction", type=_fraction, metavar="F",
                    help="share of --data pairs held out for testing when the file has no "
                         "split (default 0.2)")

@@ -2,7 +2,7 @@
 
 The file format (docs/your_data.md)
 -----------------------------------
-One ``.npz`` (``numpy.savez``), read with ``allow_pickle=False``::
+One ``.npz`` (``numpy.savez``), read with ``allow_pickle=False``, or a folder (below)::
 
     images    (B, R, R, 3) uint8 in [0, 255], or float32/float64 in [0, 1]
     captions  (B,) str, a fixed-width unicode array (``np.array(captions, dtype=str)``,
@@ -13,8 +13,13 @@ One ``.npz`` (``numpy.savez``), read with ``allow_pickle=False``::
 
 Without ``split``, a seeded split puts ``round(test_fraction * B)`` pairs in the test
 split (``test_fraction`` default :data:`DEFAULT_TEST_FRACTION`; the seed is the run's
-``data_seed``).  Only the ``.npz`` form is read: a folder of PNG/JPEG files would need an
-image decoder, which is not a dependency.
+``data_seed``).
+
+A folder of PNG/JPEG files is read too when Pillow is installed (an optional extra,
+``pip install -e '.[images]'``; never needed otherwise): ``FOLDER/captions.tsv`` has one
+line per image, ``file name <TAB> caption`` with an optional third column ``train`` or
+``test`` (blank lines and lines starting with ``#`` are skipped); the images are
+converted to RGB and must all have one square size.
 
 A run records where its data came from (:attr:`UserData.source`: the file's absolute
 path, its sha256 and the test fraction, in config.json and in every checkpoint);
@@ -36,7 +41,8 @@ from .data import ImageCaptionDataset
 from .tokenizer import tokenize
 
 DEFAULT_TEST_FRACTION = 0.2
-SOURCE_KIND = "npz"
+SOURCE_KINDS = ("npz", "folder")
+CAPTIONS_TSV = "captions.tsv"
 ARRAYS = ("images", "captions", "split", "labels")
 
 
@@ -52,11 +58,17 @@ class Splits(NamedTuple):
 
 
 def sha256_of(path):
-    """The hex sha256 of a file's bytes."""
+    """The hex sha256 of a file's bytes; of a folder, of its captions.tsv and then each
+    image file it names (name and bytes, in the file's order)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    files = [path] if not os.path.isdir(path) else [os.path.join(path, CAPTIONS_TSV)] + [
+        os.path.join(path, name) for name, _, _ in _read_tsv(path)]
+    for name in files:
+        if len(files) > 1:
+            h.update(os.path.relpath(name, path).encode() + b"\0")
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -78,7 +90,7 @@ class UserData:
     def __init__(self, path, test_fraction=None):
         path = os.fspath(path)
         self.path = os.path.abspath(path)
-        arrays = _read_npz(path)
+        arrays = _read_folder(path) if os.path.isdir(path) else _read_npz(path)
         self.images, self.captions = arrays["images"], arrays["captions"]
         self.split, self.labels = arrays.get("split"), arrays.get("labels")
         if test_fraction is not None:
@@ -100,7 +112,8 @@ class UserData:
         if len(self.captions) - n_test < 2:
             raise DataError(f"the train split must hold at least 2 pairs, got "
                             f"{len(self.captions) - n_test} of {len(self.captions)} ({path})")
-        self.source = {"kind": SOURCE_KIND, "path": self.path, "sha256": sha256_of(path),
+        kind = "folder" if os.path.isdir(path) else "npz"
+        self.source = {"kind": kind, "path": self.path, "sha256": sha256_of(path),
                        "test_fraction": test_fraction}
 
     def __len__(self):
@@ -168,12 +181,12 @@ def open_source(source, path=None):
         raise DataError("the run was trained on datasets passed to train.train in Python, "
                         "not on a file, so its data cannot be read again here; evaluate it "
                         "with minivlmoe.evaluate.evaluate and the same datasets")
-    if not isinstance(source, dict) or source.get("kind") != SOURCE_KIND or \
+    if not isinstance(source, dict) or source.get("kind") not in SOURCE_KINDS or \
             set(source) != {"kind", "path", "sha256", "test_fraction"}:
-        raise DataError(f"the run's data source must be a dict with kind {SOURCE_KIND!r}, "
+        raise DataError(f"the run's data source must be a dict with kind 'npz' or 'folder', "
                         f"path, sha256 and test_fraction, got {str(source)[:200]}")
     where = os.fspath(path) if path is not None else source["path"]
-    if not os.path.isfile(where):
+    if not (os.path.isdir if source["kind"] == "folder" else os.path.isfile)(where):
         raise DataError(f"the run's data file is missing; put it back or pass --data FILE "
                         f"with the same content ({where})")
     digest = sha256_of(where)
@@ -186,6 +199,57 @@ def open_source(source, path=None):
 
 
 # ----------------------------------------------------------------------------- reading
+
+def _read_tsv(folder):
+    """The rows (file name, caption, split or None) of FOLDER/captions.tsv."""
+    path = os.path.join(folder, CAPTIONS_TSV)
+    if not os.path.isfile(path):
+        raise DataError(f"a data folder must hold {CAPTIONS_TSV} (lines: file name, tab, "
+                        f"caption[, tab, train|test]) ({folder})")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip() or line.startswith("#"):
+                continue
+            parts = line.split("\t")
+            if len(parts) not in (2, 3) or not parts[0]:
+                raise DataError(f"line {n} of {CAPTIONS_TSV} must be 'file<TAB>caption' "
+                                f"[<TAB>train|test], got {line[:200]!r} ({folder})")
+            rows.append((parts[0], parts[1], parts[2] if len(parts) == 3 else None))
+    return rows
+
+
+def _read_folder(folder):
+    """The arrays of a folder of images and captions.tsv, read with Pillow, then checked
+    as an .npz's would be."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError(f"reading a folder of images needs Pillow, which is not installed "
+                        f"(pip install pillow, or pip install -e '.[images]' in the "
+                        f"checkout); or save the arrays as an .npz ({folder})") from None
+    rows = _read_tsv(folder)
+    if not rows:
+        raise DataError(f"{CAPTIONS_TSV} names no image ({folder})")
+    images = []
+    for name, _, _ in rows:
+        try:
+            with Image.open(os.path.join(folder, name)) as im:
+                images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))  # (R, R, 3)
+        except OSError as e:
+            raise DataError(f"image {name!r} cannot be read ({type(e).__name__}: "
+                            f"{str(e)[:200]}) ({folder})") from None
+        if images[-1].shape != images[0].shape:
+            raise DataError(f"every image must have the size of {rows[0][0]!r} "
+                            f"{images[0].shape[:2]}, got {images[-1].shape[:2]} for "
+                            f"{name!r} ({folder})")
+    arrays = {"images": np.stack(images), "captions": np.array([c for _, c, _ in rows])}
+    splits = [s for _, _, s in rows]
+    if any(s is not None for s in splits):
+        arrays["split"] = np.array([s or "" for s in splits])
+    return _check_arrays(arrays, folder)
+
 
 def _read_npz(path):
     """The checked arrays of an ``.npz`` data file (module docstring)."""
@@ -218,6 +282,14 @@ def _read_npz(path):
                          f"refused; save strings as a fixed-width str array "
                          f"(numpy.array(captions, dtype=str))")
                 fail(f"the array {name!r} cannot be read ({str(e)[:200]})")
+    return _check_arrays(arrays, path)
+
+
+def _check_arrays(arrays, path):
+    """The checked arrays of a data set (module docstring); DataError names ``path``."""
+    def fail(problem):
+        raise DataError(f"{problem} ({path})") from None
+
     images = arrays["images"]
     if images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
         fail(f"the array 'images' must have shape (B, R, R, 3) (square RGB), got "

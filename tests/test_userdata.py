@@ -276,3 +276,49 @@ def test_train_accepts_a_pair_of_datasets(tmp_path, capsys):
     assert "trained on datasets passed to train.train" in err and err.count("\n") == 1
     with pytest.raises(TypeError, match="data must be None, a minivlmoe.userdata.UserData"):
         train.train(mcfg, tcfg, data=pair[0], progress=None)
+
+
+def _write_folder(folder, arrays, split=None):
+    from PIL import Image
+
+    folder.mkdir()
+    lines = ["# file\tcaption"]
+    for i, (image, caption) in enumerate(zip(arrays["images"], arrays["captions"])):
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+        lines.append(f"{i:03d}.png\t{caption}" + (f"\t{split[i]}" if split else ""))
+    (folder / "captions.tsv").write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+    return str(folder)
+
+
+def test_a_folder_of_png_files_with_captions_tsv(tmp_path, capsys):
+    pytest.importorskip("PIL", reason="the folder form needs Pillow (optional extra)")
+    arrays = tiny_arrays()
+    folder = _write_folder(tmp_path / "pics", arrays)
+    ud = UserData(folder)
+    assert ud.source["kind"] == "folder" and (ud.images == arrays["images"]).all()
+    npz = UserData(write(tmp_path / "same.npz", **arrays))
+    assert ud.splits(0).test.captions == npz.splits(0).test.captions
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", folder, *TRAIN, "--out", str(out)]) == 0
+    assert cli.main(["eval", str(out), "--no-decode"]) == 0
+    capsys.readouterr()
+    (tmp_path / "pics" / "007.png").write_bytes((tmp_path / "pics" / "008.png").read_bytes())
+    assert cli.main(["eval", str(out)]) == 1                   # one image changed
+    assert "the data file changed" in capsys.readouterr().err
+    split = ["test" if i < 4 else "train" for i in range(30)]
+    assert len(UserData(_write_folder(tmp_path / "s", arrays, split)).splits(0).test) == 4
+    (tmp_path / "s" / "captions.tsv").write_text("000.png\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 1 of captions.tsv must be 'file<TAB>caption'"):
+        UserData(tmp_path / "s")
+    (tmp_path / "s" / "captions.tsv").write_text("000.png\ta\n001.pngx\tb\n", encoding="utf-8")
+    with pytest.raises(DataError, match="image '001.pngx' cannot be read"):
+        UserData(tmp_path / "s")
+
+
+def test_a_folder_without_pillow_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "captions.tsv").write_text("a.png\ta caption\n", encoding="utf-8")
+    monkeypatch.setitem(sys.modules, "PIL", None)                # import PIL fails
+    with pytest.raises(DataError, match=r"needs Pillow, which is not installed .*\.\[images\]"):
+        UserData(tmp_path)
