@@ -3,7 +3,8 @@
 Subcommands
 -----------
 gradcheck   finite-difference check of every op, one row per (op, argument).
-train       train on the built-in image-caption world (presets tiny, default, large).
+train       train on the built-in image-caption world (presets tiny, default, large),
+            or on your own images and captions (--data FILE.npz).
 eval        evaluate a checkpoint on its run's test split.
 caption     greedy captions of test images, next to the reference captions.
 retrieve    the test images that best match a caption.
@@ -112,10 +113,12 @@ def _load_run(path):
     return runs.load_checkpoint(path)
 
 
-def _test_split(model_cfg, train_cfg):
+def _test_split(ckpt, model_cfg, train_cfg, tokenizer, data_path=None):
+    """The run's test split: the built-in world drawn again, or its data file read again
+    and verified (``data_path``: where the file is now, if it moved)."""
     from . import runs
 
-    return runs.make_data(train_cfg, model_cfg.image_size).test
+    return runs.run_splits(ckpt.config, model_cfg, train_cfg, tokenizer, data_path).test
 
 
 def _train_overrides(args):
@@ -133,8 +136,17 @@ def cmd_train(args):
 
     from . import runs, train
 
-    out = args.out or os.path.join("runs", f"{args.preset or 'default'}-"
-                                           f"{args.experts or 'modality'}")
+    from .userdata import DataError, UserData, open_source
+
+    if args.data is None and (args.test_fraction is not None or args.patch is not None):
+        args.parser.error("--test-fraction and --patch need --data FILE")
+    if args.data is not None and (args.max_objects is not None or args.n_train is not None):
+        args.parser.error("--max-objects and --n-train describe the built-in world; "
+                          "they do not apply with --data")
+    name = args.preset or "default"
+    if args.data is not None:
+        name = os.path.splitext(os.path.basename(args.data))[0]
+    out = args.out or os.path.join("runs", f"{name}-{args.experts or 'modality'}")
     overrides = {k: v for k, v in _train_overrides(args).items() if v is not None}
     model_kw = {k: v for k, v in (("experts", args.experts), ("dtype", args.dtype))
                 if v is not None}
@@ -150,6 +162,13 @@ def cmd_train(args):
         except ValueError as e:                    # not JSON, not a run config, old version
             return _fail(f"cannot resume from {out}: {config_path}: {e}")
         preset = saved.get("preset")
+        data = None if "data" not in saved else open_source(saved["data"], args.data)
+        if data is None and args.data is not None:
+            return _fail(f"--data does not match the run in {out} (trained on the "
+                         f"built-in world); omit it to resume")
+        if args.test_fraction is not None or args.patch is not None:
+            return _fail("--test-fraction and --patch are fixed by the run; omit them to "
+                         "resume")
         if args.preset is not None and args.preset != preset:
             return _fail(f"--preset {args.preset} does not match the run in {out} "
                          f"(preset {preset!r}); omit it to resume")
@@ -162,8 +181,12 @@ def cmd_train(args):
             args.parser.error(str(e))                                   # exit status 2
     else:
         preset = args.preset or "default"
+        data = None if args.data is None else UserData(args.data, args.test_fraction)
         try:                                # the arguments first, then the folder
-            model_cfg, train_cfg = runs.preset_configs(preset, **model_kw, **overrides)
+            model_cfg, train_cfg = runs.preset_configs(preset, **model_kw, **overrides,
+                                                       data=data, patch=args.patch)
+        except DataError:
+            raise
         except (TypeError, ValueError) as e:
             args.parser.error(str(e))                                   # exit status 2
         if os.path.exists(out) and not os.path.isdir(out):
@@ -173,13 +196,17 @@ def cmd_train(args):
                          "--overwrite to start again, or choose another --out")
     progress = None if args.quiet else sys.stderr
     if progress is not None:
+        on = "" if data is None else (f" on {data.path} ({train_cfg.n_train} train, "
+                                      f"{train_cfg.n_test} test pairs, {model_cfg.image_size}"
+                                      f"x{model_cfg.image_size}, patch {model_cfg.patch}, "
+                                      f"V={model_cfg.vocab_size})")
         print(f"training preset {preset!r} ({model_cfg.experts} experts, {train_cfg.steps} "
-              f"steps) into {out}", file=progress, flush=True)
+              f"steps){on} into {out}", file=progress, flush=True)
     try:
         # a diverging run overflows; train.train checks every loss and evaluation for
         # NaN and inf and stops with one line, so NumPy's warnings would only add noise
         with np.errstate(over="ignore", invalid="ignore"):
-            result = train.train(model_cfg, train_cfg, out, resume=args.resume,
+            result = train.train(model_cfg, train_cfg, out, data=data, resume=args.resume,
                                  preset=preset, progress=progress)
     except KeyboardInterrupt:
         return _fail(f"interrupted; continue from the last checkpoint with "
@@ -195,7 +222,7 @@ def cmd_train(args):
     if result.evaluations:
         from .evaluate import format_report
 
-        print(format_report(result.evaluations[-1]))
+        print(format_report(result.evaluations[-1], builtin=data is None))
     print(f"metrics: {os.path.join(out, runs.METRICS_NAME)}  checkpoint: "
           f"{os.path.join(out, runs.CKPT_NAME)}")
     return 0
@@ -205,11 +232,11 @@ def cmd_eval(args):
     from .evaluate import evaluate, format_report
 
     ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.ckpt)
-    results = evaluate(ckpt.params, model_cfg, _test_split(model_cfg, train_cfg), tokenizer,
-                       decode=not args.no_decode)
+    test = _test_split(ckpt, model_cfg, train_cfg, tokenizer, args.data)
+    results = evaluate(ckpt.params, model_cfg, test, tokenizer, decode=not args.no_decode)
     print(f"checkpoint {args.ckpt}: step {ckpt.step}, {model_cfg.experts} experts, "
           f"{train_cfg.n_test} test pairs")
-    print(format_report(results))
+    print(format_report(results, builtin="data" not in ckpt.config))
     if args.json:
         import json
 
@@ -225,17 +252,19 @@ def cmd_eval(args):
 
 def cmd_caption(args):
     from .evaluate import generate_captions
+    from .tokenizer import normalize
 
     ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.ckpt)
-    test = _test_split(model_cfg, train_cfg)
+    test = _test_split(ckpt, model_cfg, train_cfg, tokenizer, args.data)
+    refs = [normalize(c) for c in test.captions]          # the form decoded captions have
     n = min(args.n, len(test))
     images = test.images[:n].astype(model_cfg.dtype, copy=False)      # (n, R, R, Ch)
     hyps = generate_captions(ckpt.params, model_cfg, images, tokenizer)
-    for i, (hyp, ref) in enumerate(zip(hyps, test.captions[:n])):
+    for i, (hyp, ref) in enumerate(zip(hyps, refs[:n])):
         mark = "ok " if hyp == ref else "   "
         held = " (held-out pair)" if test.heldout is not None and test.heldout[i] else ""
         print(f"[{i:>3}] {mark} generated: {hyp}\n            reference: {ref}{held}")
-    print(f"exact match {sum(h == r for h, r in zip(hyps, test.captions)) / n:.3f} "
+    print(f"exact match {sum(h == r for h, r in zip(hyps, refs)) / n:.3f} "
           f"on {n} test images")
     if args.png:
         try:
@@ -255,7 +284,7 @@ def cmd_caption(args):
         for i, ax in enumerate(axes.ravel()[:n]):
             ax.imshow(test.images[i], interpolation="nearest")
             ax.set_title(f"gen: {hyps[i]}\nref: {test.captions[i]}", fontsize=6,
-                         color="black" if hyps[i] == test.captions[i] else "red")
+                         color="black" if hyps[i] == refs[i] else "red")
         fig.tight_layout()
         fig.savefig(args.png, dpi=120)
         plt.close(fig)
@@ -268,7 +297,7 @@ def cmd_retrieve(args):
 
     from . import inference
     from .world import to_ascii
-    from .tokenizer import PAD_ID, UNK_ID, tokenize
+    from .tokenizer import PAD_ID, UNK_ID, normalize, tokenize
     from ._checks import shorten
 
     ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.ckpt)
@@ -282,15 +311,17 @@ def cmd_retrieve(args):
     if unknown:
         print(f"note: words not in the vocabulary (read as <unk>): {shorten(' '.join(unknown))}",
               file=sys.stderr)
-    test = _test_split(model_cfg, train_cfg)
+    test = _test_split(ckpt, model_cfg, train_cfg, tokenizer, args.data)
     images = test.images.astype(model_cfg.dtype, copy=False)           # (B, R, R, Ch)
     img_emb = inference.encode_images(ckpt.params, model_cfg, images)  # (B, De)
     txt_emb = inference.encode_texts(ckpt.params, model_cfg, ids, pad_id=PAD_ID)  # (1, De)
     scores = img_emb @ txt_emb[0]                                       # (B,)
     order = np.argsort(-scores, kind="stable")[:args.top]              # (top,)
-    print(f"best matches among {len(test)} test images for {args.caption!r}:")
+    print(f"best matches among {len(test)} test images for {args.caption!r} "
+          f"(= marks an image whose own caption is this caption):")
+    query = normalize(args.caption)
     for rank, i in enumerate(order, 1):
-        mark = "=" if test.captions[i] == " ".join(tokenize(args.caption)) else " "
+        mark = "=" if normalize(test.captions[i]) == query else " "
         print(f"{rank:>3}. {mark} image {i:>4}  score {scores[i]:+.3f}  "
               f"its caption: {test.captions[i]}")
     if args.ascii:
@@ -346,6 +377,21 @@ def _positive_float(text):
     return value
 
 
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
+    return value
+
+
+def _data_option(p):
+    p.add_argument("--data", metavar="FILE",
+                   help="where the run's data file is now, if it moved (same content)")
+
+
 def build_parser():
     from .model import EXPERT_MODES
     from .runs import PRESETS
@@ -364,9 +410,11 @@ def build_parser():
     p.add_argument("--only", default=None, help="only ops whose name contains this text")
     p.set_defaults(func=cmd_gradcheck)
 
-    p = sub.add_parser("train", help="train on the built-in image-caption world",
-                       description="Train on the built-in image-caption world. Writes "
-                       "DIR/config.json, DIR/metrics.jsonl, DIR/history.jsonl and DIR/ckpt.npz.")
+    p = sub.add_parser("train", help="train on the built-in world or your own data",
+                       description="Train on the built-in image-caption world, or on your "
+                       "own images and captions (--data FILE.npz, docs/your_data.md). "
+                       "Writes DIR/config.json, DIR/metrics.jsonl, DIR/history.jsonl and "
+                       "DIR/ckpt.npz.")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="model size, steps and data (default: default)")
     p.add_argument("--steps", type=_positive_int, help="optimizer steps (preset's by default)")
@@ -383,6 +431,15 @@ def build_parser():
     p.add_argument("--max-objects", type=int, choices=(1, 2, 3),
                    help="objects per image in the data (difficulty)")
     p.add_argument("--n-train", type=_positive_int, help="training pairs")
+    p.add_argument("--data", metavar="FILE",
+                   help="train on your own .npz of images and captions, or a folder of "
+                        "images with captions.tsv (needs Pillow); docs/your_data.md")
+    p.add_argument("--test-fraction", type=_fraction, metavar="F",
+                   help="share of --data pairs held out for testing when the file has no "
+                        "split (default 0.2)")
+    p.add_argument("--patch", type=_positive_int,
+                   help="patch size for --data (must divide the image size; default: a "
+                        "divisor of it up to 8)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true",
@@ -394,12 +451,14 @@ def build_parser():
     p.add_argument("ckpt", metavar="CKPT", help="a checkpoint file or a run folder")
     p.add_argument("--no-decode", action="store_true", help="skip the caption metrics")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    _data_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("caption", help="greedy captions of test images")
     p.add_argument("ckpt", metavar="CKPT", help="a checkpoint file or a run folder")
     p.add_argument("--n", type=_positive_int, default=8, help="number of images (8)")
     p.add_argument("--png", metavar="FILE", help="save a grid of images (needs matplotlib)")
+    _data_option(p)
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("retrieve", help="test images that best match a caption")
@@ -407,6 +466,7 @@ def build_parser():
     p.add_argument("caption", help='e.g. "a small red circle left of a large blue square"')
     p.add_argument("--top", type=_positive_int, default=5, help="number of images (5)")
     p.add_argument("--ascii", action="store_true", help="draw the best image as text")
+    _data_option(p)
     p.set_defaults(func=cmd_retrieve)
 
     p = sub.add_parser("plot", help="training losses and evaluations of run folders",
@@ -430,13 +490,14 @@ def main(argv=None):
 def _run(argv):
     from .checkpoint import CheckpointError
     from .train import TrainingDiverged
+    from .userdata import DataError
 
     args = build_parser().parse_args(argv)
     if args.debug_threads:
         print(f"minivlmoe: {threads.describe()}", file=sys.stderr)
     try:
         return args.func(args)
-    except CheckpointError as e:  # a bad checkpoint or run folder
+    except (CheckpointError, DataError) as e:  # a bad checkpoint, run or data: one line
         return _fail(str(e))
     except TrainingDiverged as e:  # names the step, the loss, the rule and the checkpoint
         return _fail(str(e))

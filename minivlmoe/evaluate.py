@@ -14,12 +14,13 @@ What is measured (definitions of the metrics themselves: minivlmoe/metrics.py)
   of the top 5 by duplication alone); text-to-image ranks the images, one query per
   caption row.  ``heldout_*`` repeats the same with only the
   held-out-combination images (or their captions) as *queries*, still searching the
-  whole test split.
+  whole test split (built-in world only).
 * **zero-shot attributes** -- for the test images with exactly one object, each
   attribute (color, shape, size) is classified by text prompts: the prompts of "red"
   are every caption "a {size} red {shape}", the score of "red" is the similarity of
   the image to its best-matching red prompt, and the prediction is the class with
-  the highest score.  No classifier is trained.
+  the highest score.  No classifier is trained.  Built-in world only: a run on its
+  own data (minivlmoe/userdata.py) has no records, and these metrics are skipped.
 * **captioning** -- greedy decoding from every test image (fusion mode); exact match
   of the decoded caption with the reference, and corpus BLEU-4 over words.
   ``heldout_caption_exact`` is the exact match on held-out-combination images.
@@ -39,14 +40,16 @@ import numpy as np
 from . import inference, metrics, model
 from .data import ImageCaptionDataset
 from .scenes import COLORS, SHAPES, SIZES
-from .tokenizer import BOS_ID, EOS_ID, PAD_ID
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, normalize
 
 ZERO_SHOT_ATTRIBUTES = ("color", "shape", "size")
 
 
 def caption_keys(captions):
-    """(B,) int ids of the caption texts: equal captions get equal ids."""
-    _, keys = np.unique(np.asarray(captions, dtype=object).astype(str), return_inverse=True)
+    """(B,) int ids of the caption texts: equal captions get equal ids (compared in
+    :func:`minivlmoe.tokenizer.normalize`'d form, the words the model sees)."""
+    texts = [normalize(c) for c in captions]
+    _, keys = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
     return keys.reshape(-1).astype(np.int64)                            # (B,)
 
 
@@ -107,7 +110,10 @@ def generate_captions(params, cfg, images, tokenizer, *, batch_size=inference.BA
 
 
 def captioning(hyps, refs, heldout=None):
-    """Exact match and BLEU-4 of decoded captions, plus exact match on held-out images."""
+    """Exact match and BLEU-4 of decoded captions, plus exact match on held-out images.
+
+    The references are compared in normalized form (lowercase words, no punctuation)."""
+    refs = [normalize(r) for r in refs]
     out = {"caption_exact": float(metrics.exact_match(hyps, refs)),
            "bleu4": float(metrics.bleu4([h.split() for h in hyps], [r.split() for r in refs]))}
     if heldout is not None and heldout.any():
@@ -148,7 +154,8 @@ def evaluate(params, cfg, dataset, tokenizer, *, batch_size=inference.BATCH_SIZE
         raise TypeError(f"dataset must be an ImageCaptionDataset, got {type(dataset).__name__}")
     dtype = np.dtype(cfg.dtype)
     images = dataset.images.astype(dtype, copy=False)                   # (B, R, R, Ch)
-    ids = tokenizer.encode(dataset.captions, cfg.max_text_len)          # (B, T)
+    ids = tokenizer.encode(dataset.captions, cfg.max_text_len,
+                           truncate=True)                               # (B, T)
     keys = caption_keys(dataset.captions)                               # (B,)
     img_emb = inference.encode_images(params, cfg, images,
                                       batch_size=batch_size)            # (B, De)
@@ -185,8 +192,12 @@ def to_jsonable(value):
     return value
 
 
-def format_report(results):
-    """A few human-readable lines of an :func:`evaluate` result."""
+def format_report(results, *, builtin=True):
+    """A few human-readable lines of an :func:`evaluate` result.
+
+    ``builtin=False`` (a run on its own data): the held-out and zero-shot lines say
+    "n/a (user data)", as those metrics exist only for the built-in world.
+    """
     def get(key):
         v = results.get(key)
         return "  n/a" if v is None else f"{v:5.3f}"
@@ -195,9 +206,11 @@ def format_report(results):
         f"retrieval  i2t R@1 {get('i2t_r1')}  R@5 {get('i2t_r5')}   "
         f"t2i R@1 {get('t2i_r1')}  R@5 {get('t2i_r5')}",
         f"held-out   i2t R@1 {get('heldout_i2t_r1')}  t2i R@1 {get('heldout_t2i_r1')}  "
-        f"caption exact {get('heldout_caption_exact')}",
+        f"caption exact {get('heldout_caption_exact')}" if builtin else
+        "held-out   n/a (user data: the built-in world's held-out pairs only)",
         f"captions   exact {get('caption_exact')}  BLEU-4 {get('bleu4')}",
-        f"zero-shot  color {get('zs_color')}  shape {get('zs_shape')}  size {get('zs_size')}",
+        f"zero-shot  color {get('zs_color')}  shape {get('zs_shape')}  size {get('zs_size')}"
+        if builtin else "zero-shot  n/a (user data: the built-in world's attributes only)",
         f"test loss  total {get('test_total')}  contrastive {get('test_contrastive')}  "
         f"caption {get('test_caption')}  aux {get('test_aux')}",
     ]

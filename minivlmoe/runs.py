@@ -44,10 +44,12 @@ from .model import EXPERT_MODES
 from ._checks import check_choice, check_float, check_int
 from .scenes import grammar_words, max_caption_words
 from .tokenizer import Tokenizer
+from .userdata import DataError, open_source, resolve
 from .world import make_splits
 
 RUN_FORMAT = "minivlmoe-run"
 RUN_VERSION = 2                  # 2: the params key log_temp became log_logit_scale
+DATA_RUN_VERSION = 3             # 3: version 2 + "data", the run's own data set (userdata.py)
 CKPT_NAME = "ckpt.npz"
 METRICS_NAME = "metrics.jsonl"
 HISTORY_NAME = "history.jsonl"
@@ -144,14 +146,16 @@ PRESETS = {
 }
 
 
-def preset_configs(name="default", *, experts=None, dtype=None, **train_overrides):
+def preset_configs(name="default", *, experts=None, dtype=None, data=None, patch=None,
+                   **train_overrides):
     """(ModelConfig, TrainConfig) of preset ``name`` with optional overrides.
 
     ``experts`` and ``dtype`` override the model; any TrainConfig field (``steps``,
     ``seed``, ``batch_size``, ...) may be overridden by keyword (None = keep the
     preset's).  Overriding ``steps`` alone caps the warmup at a fifth of the steps.
     The text length and the vocabulary follow from the world (``max_objects``) and the
-    tokenizer.
+    tokenizer.  With ``data`` (a :class:`minivlmoe.userdata.UserData` or a (train, test)
+    pair of datasets) they follow from the data instead (:func:`fit_to_data`; ``patch`` overrides the patch size).
     """
     check_choice("preset", name, PRESETS)
     model_kw, train_kw = PRESETS[name]
@@ -165,10 +169,54 @@ def preset_configs(name="default", *, experts=None, dtype=None, **train_override
         model_kw["experts"] = check_choice("experts", experts, EXPERT_MODES)
     if dtype is not None:
         model_kw["dtype"] = check_choice("dtype", dtype, ("float32", "float64"))
+    if data is not None:
+        return fit_to_data(model_kw, tcfg, data, patch=patch)
+    if patch is not None:
+        model_kw["patch"] = patch
     tokenizer = builtin_tokenizer()
     mcfg = model.ModelConfig(vocab_size=tokenizer.vocab_size,
                              max_text_len=max_caption_words(tcfg.max_objects) + 2, **model_kw)
     return mcfg, tcfg
+
+
+def default_patch(image_size, preferred=8):
+    """The largest divisor of ``image_size`` that is at most ``preferred`` and at most
+    ``image_size / 2`` (so an image has at least 4 patches), or 1."""
+    return max([p for p in range(1, preferred + 1)
+                if image_size % p == 0 and 2 * p <= image_size] or [1])
+
+
+def fit_to_data(model_kw, train_cfg, data, *, patch=None):
+    """(ModelConfig, TrainConfig) of a run on ``data`` (a UserData or a (train, test)
+    pair of ImageCaptionDataset, :func:`minivlmoe.userdata.resolve`).
+
+    The data set fixes the image size, the train and test sizes (the split of
+    ``train_cfg.data_seed``), the vocabulary (:func:`data_tokenizer`) and the text
+    length (longest training caption + 2; longer test captions are truncated).  The
+    patch is ``patch``, else :func:`default_patch` of the model's patch.
+    """
+    splits, _, name = resolve(data, train_cfg.data_seed)
+    if len(splits.train) < train_cfg.batch_size:
+        raise ValueError(f"batch_size must be at most the {len(splits.train)} training "
+                         f"pairs of {name}, got {train_cfg.batch_size}")
+    train_cfg = dataclasses.replace(train_cfg, n_train=len(splits.train),
+                                    n_test=len(splits.test))
+    R = splits.train.image_size
+    if patch is None:
+        patch = default_patch(R, model_kw.get("patch", 8))
+    patch = check_int("patch", patch, 1)
+    if R % patch:
+        raise ValueError(f"patch must divide the image size {R} of {name}, got {patch}")
+    tokenizer = data_tokenizer(splits.train)
+    mcfg = model.ModelConfig(**{**model_kw, "image_size": R, "patch": patch,
+                                "vocab_size": tokenizer.vocab_size,
+                                "max_text_len": tokenizer.max_words(splits.train.captions) + 2})
+    return mcfg, train_cfg
+
+
+def data_tokenizer(train):
+    """The tokenizer of a run on its own data: every word of the training captions."""
+    return Tokenizer.from_captions(train.captions)
 
 
 def builtin_tokenizer():
@@ -176,11 +224,18 @@ def builtin_tokenizer():
     return Tokenizer(grammar_words())
 
 
-def run_config(model_cfg, train_cfg, tokenizer, preset=None):
-    """The JSON-able description of a run (DIR/config.json; stored in checkpoints)."""
-    return {"format": RUN_FORMAT, "version": RUN_VERSION, "preset": preset,
-            "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
-            "tokenizer": tokenizer.to_dict()}
+def run_config(model_cfg, train_cfg, tokenizer, preset=None, data=None):
+    """The JSON-able description of a run (DIR/config.json; stored in checkpoints).
+
+    ``data`` is the source of a run on its own data (``UserData.source``): such a run is
+    version 3 with a "data" entry; a run on the built-in world stays version 2, without.
+    """
+    config = {"format": RUN_FORMAT, "version": RUN_VERSION, "preset": preset,
+              "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
+              "tokenizer": tokenizer.to_dict()}
+    if data is not None:
+        config.update(version=DATA_RUN_VERSION, data=dict(data))
+    return config
 
 
 def parse_run_config(d):
@@ -194,9 +249,14 @@ def parse_run_config(d):
         raise ValueError(f"run format version 1 is not supported: this minivlmoe reads "
                          f"version {RUN_VERSION} (log_temp was renamed log_logit_scale); "
                          f"retrain the run")
-    if d.get("version") != RUN_VERSION:
+    if d.get("version") not in (RUN_VERSION, DATA_RUN_VERSION):
         raise ValueError(f"unknown run config version {d.get('version')!r} "
-                         f"(this minivlmoe reads version {RUN_VERSION})")
+                         f"(this minivlmoe reads versions {RUN_VERSION} and "
+                         f"{DATA_RUN_VERSION})")
+    if ("data" in d) != (d["version"] == DATA_RUN_VERSION):
+        raise ValueError(f"a run config of version {d['version']} must "
+                         f"{'' if d['version'] == DATA_RUN_VERSION else 'not '}have a "
+                         f"'data' entry")
     try:
         return (model.ModelConfig.from_dict(d["model"]), TrainConfig.from_dict(d["train"]),
                 Tokenizer.from_dict(d["tokenizer"]))
@@ -209,6 +269,26 @@ def make_data(train_cfg, image_size):
     return make_splits(train_cfg.data_seed, train_cfg.n_train, train_cfg.n_test,
                        image_size=image_size, max_objects=train_cfg.max_objects,
                        noise=train_cfg.noise, heldout_fraction=train_cfg.heldout_fraction)
+
+
+def run_splits(config, model_cfg, train_cfg, tokenizer, data_path=None):
+    """The (train, test) splits a saved run was trained on, from its config dict.
+
+    The built-in world is drawn again (:func:`make_data`); a run's own data file is read
+    again and verified (:func:`minivlmoe.userdata.open_source`; ``data_path`` if it
+    moved), and its training captions must still give the run's tokenizer.
+    """
+    if "data" not in config:
+        if data_path is not None:
+            raise DataError(f"the run was trained on the built-in world, so a data file "
+                            f"does not apply ({os.fspath(data_path)})")
+        return make_data(train_cfg, model_cfg.image_size)
+    data = open_source(config["data"], data_path)
+    splits = data.splits(train_cfg.data_seed)
+    if data_tokenizer(splits.train) != tokenizer or data.image_size != model_cfg.image_size:
+        raise DataError(f"the data file does not give the run's vocabulary and image size "
+                        f"({data.path})")
+    return splits
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -15,10 +15,13 @@ For the built-in world use ``Tokenizer(scenes.grammar_words())``: 16 words, V = 
 
 Text to words
 -------------
-:func:`tokenize` lowercases and splits a text into runs of letters/digits (``\\w+``) and
-single punctuation marks, so "A red circle." -> ["a", "red", "circle", "."]; a decoded
-caption is its words joined by single spaces (the built-in captions survive the round
-trip unchanged).
+:func:`tokenize` lowercases a text and splits it into words: runs of letters and digits
+(``\\w+``), an apostrophe inside a word kept ("dog's"); punctuation and white space only
+separate words and are dropped, so "A red circle." -> ["a", "red", "circle"] and
+"left-of" -> ["left", "of"].  A decoded caption is its words joined by single spaces, and
+:func:`normalize` is that form of any text: two captions with the same words are the same
+caption to the model, and the metrics compare captions in this form (the built-in
+captions, lowercase without punctuation, are unchanged by it).
 
 Encoding
 --------
@@ -48,14 +51,19 @@ SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 FORMAT = "minivlmoe.tokenizer"
 VERSION = 1
-_WORD = re.compile(r"\w+|[^\w\s]")
+_WORD = re.compile(r"\w+(?:['\u2019]\w+)*")
 
 
 def tokenize(text):
-    """Lowercase ``text`` and split it into words and single punctuation marks."""
+    """Lowercase ``text`` and split it into words; punctuation is dropped (module docstring)."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     return _WORD.findall(text.lower())
+
+
+def normalize(text):
+    """The words of ``text`` joined by single spaces: "A red circle." -> "a red circle"."""
+    return " ".join(tokenize(text))
 
 
 class Tokenizer:
@@ -64,7 +72,8 @@ class Tokenizer:
     Parameters
     ----------
     words : iterable of str, the vocabulary after the special tokens, in id order; each
-        word must be what :func:`tokenize` makes of it (lowercase, one token), not repeated.
+        word must be what :func:`tokenize` makes of it (one lowercase word, no
+        punctuation), not repeated.
     """
 
     def __init__(self, words):
@@ -77,8 +86,8 @@ class Tokenizer:
             if not isinstance(word, str):
                 raise TypeError(f"words[{i}] must be a str, got {type(word).__name__}")
             if word in SPECIALS or tokenize(word) != [word]:
-                raise ValueError(f"words[{i}] must be one lowercase word or punctuation "
-                                 f"mark and not a special token, got {shorten(repr(word))}")
+                raise ValueError(f"words[{i}] must be one lowercase word (no punctuation) "
+                                 f"and not a special token, got {shorten(repr(word))}")
         if len(set(words)) != len(words):
             dup = next(w for w in words if words.count(w) > 1)
             raise ValueError(f"words must not repeat a word, got {shorten(repr(dup))} more "

@@ -3,7 +3,8 @@
 One run
 -------
 ``train(model_cfg, train_cfg, out_dir)`` draws the built-in world's train and test
-splits (:func:`minivlmoe.runs.make_data` with ``train_cfg.data_seed``), initializes
+splits (:func:`minivlmoe.runs.make_data` with ``train_cfg.data_seed``; with
+``data=UserData(path)`` it splits your data set instead), initializes
 the model from ``train_cfg.seed`` and repeats ``train_cfg.steps`` times::
 
     idx                = stream.next()                 # (B,) a shuffled batch of pairs
@@ -87,10 +88,12 @@ from . import checkpoint, evaluate, model, optim
 from ._checks import check_int
 from .data import minibatch_indices
 from .runs import (CKPT_NAME, HISTORY_NAME, METRICS_NAME, TrainConfig, append_jsonl,
-                   builtin_tokenizer, load_checkpoint, make_data, new_run_folder,
-                   remove_run_temps, run_config, truncate_history, truncate_metrics)
+                   builtin_tokenizer, data_tokenizer, load_checkpoint, make_data,
+                   new_run_folder, remove_run_temps, run_config, truncate_history,
+                   truncate_metrics)
 from .timing import NULL_TIMER
 from .tokenizer import PAD_ID
+from .userdata import resolve
 
 PROGRESS_EVERY_S = 2.0
 DIVERGENCE_FACTOR = 10.0    # a step's total loss above this many times the reference ...
@@ -375,14 +378,40 @@ def _eval_record(state, model_cfg, train_cfg, test, tokenizer, *, lr, elapsed, d
     return record
 
 
-def train(model_cfg, train_cfg, out_dir=None, *, resume=False, stop_at=None,
+def _data_setup(model_cfg, train_cfg, data):
+    """(splits, tokenizer, source) of the built-in world (``data=None``) or your data
+    (:func:`minivlmoe.userdata.resolve`), checking that the configs fit the data."""
+    if data is None:
+        return make_data(train_cfg, model_cfg.image_size), builtin_tokenizer(), None
+    splits, source, name = resolve(data, train_cfg.data_seed)
+    tokenizer = data_tokenizer(splits.train)
+    want = {"model_cfg.image_size": (model_cfg.image_size, splits.train.image_size),
+            "model_cfg.vocab_size": (model_cfg.vocab_size, tokenizer.vocab_size),
+            "model_cfg.max_text_len": (model_cfg.max_text_len,
+                                       tokenizer.max_words(splits.train.captions) + 2),
+            "train_cfg.n_train": (train_cfg.n_train, len(splits.train)),
+            "train_cfg.n_test": (train_cfg.n_test, len(splits.test))}
+    for field, (got, expected) in want.items():
+        if got != expected:
+            raise ValueError(f"{field} must be {expected} for the data {name}, got {got}; "
+                             f"build the configs with runs.preset_configs(..., data=data)")
+    return splits, tokenizer, source
+
+
+def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_at=None,
           progress=sys.stderr, preset=None, timer=None, decode_eval=True):
-    """Train a model on the built-in world; write metrics and checkpoints to ``out_dir``.
+    """Train a model on the built-in world or your data; write metrics and checkpoints.
 
     Parameters
     ----------
     model_cfg : model.ModelConfig.   train_cfg : TrainConfig.
     out_dir : str or None; None writes nothing (no resume then).
+    data : None (the built-in world of ``train_cfg``), a
+        :class:`minivlmoe.userdata.UserData` (split with ``train_cfg.data_seed``; its
+        file is recorded in config.json, so the CLI can reload the run) or a pair
+        ``(train, test)`` of ImageCaptionDataset (a digest is recorded; reload it from
+        Python).  Build the configs with ``runs.preset_configs(..., data=data)``; the
+        tokenizer is every word of the training captions.
     resume : continue from ``out_dir/ckpt.npz`` (whose config must equal this one);
         metrics.jsonl keeps its records up to the checkpoint's step (a torn last line
         is dropped) and the temporary files of killed writes are removed.
@@ -417,9 +446,8 @@ def train(model_cfg, train_cfg, out_dir=None, *, resume=False, stop_at=None,
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (the folder of the run to continue)")
     t_start = time.perf_counter()
-    tokenizer = builtin_tokenizer()
-    config = run_config(model_cfg, train_cfg, tokenizer, preset)
-    splits = make_data(train_cfg, model_cfg.image_size)
+    splits, tokenizer, source = _data_setup(model_cfg, train_cfg, data)
+    config = run_config(model_cfg, train_cfg, tokenizer, preset, data=source)
     images = splits.train.images.astype(model_cfg.dtype, copy=False)   # (Bn, R, R, Ch)
     ids = tokenizer.encode(splits.train.captions, model_cfg.max_text_len)  # (Bn, T)
     keys = evaluate.caption_keys(splits.train.captions)                # (Bn,)

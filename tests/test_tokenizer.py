@@ -8,16 +8,19 @@ from hypothesis import given, strategies as st
 
 from minivlmoe.scenes import grammar_words
 from minivlmoe.tokenizer import (BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID, Tokenizer,
-                                 tokenize)
+                                 normalize, tokenize)
 from minivlmoe.world import World
 
 TOK = Tokenizer(grammar_words())
 
 
 def naive_encode(tok, caption, max_len):
-    """Reference: one token at a time."""
+    """Reference: one token at a time (punctuation-only pieces are no words)."""
     row = [BOS_ID]
     for word in caption.lower().split():
+        word = word.strip(".,!?;:")
+        if not word:
+            continue
         row.append(tok.vocab.index(word) if word in tok.vocab[4:] else UNK_ID)
     row.append(EOS_ID)
     return row + [PAD_ID] * (max_len - len(row))
@@ -57,7 +60,7 @@ def test_random_word_sequences_round_trip(words, extra):
     caption = " ".join(words)
     ids = TOK.encode([caption], max_len=len(words) + 2 + extra)
     assert ids[0].tolist() == naive_encode(TOK, caption, len(words) + 2 + extra)
-    known = [w if w in grammar_words() else "<unk>" for w in words]
+    known = [w if w in grammar_words() else "<unk>" for w in words if w != "."]
     assert TOK.decode(ids[0]) == " ".join(known)
 
 
@@ -76,20 +79,31 @@ def test_decode_skips_pad_and_bos_and_stops_at_eos():
     assert TOK.decode_batch(np.array([[BOS_ID, a, EOS_ID], [BOS_ID, red, EOS_ID]])) == ["a", "red"]
 
 
-def test_tokenize_lowercases_and_splits_punctuation():
-    assert tokenize("A Red circle, left-of it.") == ["a", "red", "circle", ",", "left", "-",
-                                                     "of", "it", "."]
-    assert tokenize("  ") == []
+def test_tokenize_lowercases_and_drops_punctuation():
+    assert tokenize("A Red circle, left-of it.") == ["a", "red", "circle", "left", "of", "it"]
+    assert tokenize("  ") == [] and tokenize("...!") == []
+    assert tokenize("The dog's ball (7 of them)!") == ["the", "dog's", "ball", "7", "of",
+                                                       "them"]
+    assert normalize("  A small RED circle. ") == "a small red circle"
+
+
+def test_punctuation_and_case_do_not_change_the_ids():
+    ids = TOK.encode(["a small red circle"])
+    for variant in ("A small red circle.", "a Small, red circle!", "  a small red circle ?"):
+        assert TOK.encode([variant]).tolist() == ids.tolist(), variant
+    # the built-in captions are already normalized: the built-in world is unchanged
+    ds = World(max_objects=3).sample(300, np.random.default_rng(1))
+    assert [normalize(c) for c in ds.captions] == ds.captions
 
 
 def test_from_captions_is_sorted_and_counts():
     caps = ["The dog runs.", "the cat runs", "a dog"]
     tok = Tokenizer.from_captions(caps)
-    assert tok.words == [".", "a", "cat", "dog", "runs", "the"]
+    assert tok.words == ["a", "cat", "dog", "runs", "the"]
     assert Tokenizer.from_captions(caps[::-1]) == tok
     assert Tokenizer.from_captions(caps, min_count=2).words == ["dog", "runs", "the"]
-    assert tok.decode(tok.encode(["The dog runs."])[0]) == "the dog runs ."
-    assert tok.max_words(caps) == 4
+    assert tok.decode(tok.encode(["The dog runs."])[0]) == "the dog runs"
+    assert tok.max_words(caps) == 3
 
 
 def test_truncation():
@@ -129,6 +143,7 @@ def test_from_dict_rejects_bad_input(d, error, match):
     (["a", 3], TypeError, r"words\[1\] must be a str"),
     (["a", "Red"], ValueError, r"words\[1\] must be one lowercase word.*'Red'"),
     (["two words"], ValueError, r"words\[0\] must be one lowercase word"),
+    (["a", "."], ValueError, r"words\[1\] must be one lowercase word \(no punctuation\)"),
     (["<pad>"], ValueError, "not a special token"),
     ([""], ValueError, r"words\[0\]"),
 ])
