@@ -43,7 +43,7 @@ pickled object array; an invalid sparse pattern; and a config that differs from
 ``expected_config``.  A path that is a directory or holds a NUL byte is a
 CheckpointError too; a ``path`` that is not a path at all is a TypeError.  What the
 numbers mean (finite, in range) is checked for a run's checkpoint by
-:func:`minivlmoe.runs.load_checkpoint`.
+:func:`minivlmoe.run_checkpoint.load_checkpoint`.
 """
 
 from __future__ import annotations
@@ -395,7 +395,7 @@ def load(path, expected_config=None):
 
     This checks the file, not what its numbers mean: a run's checkpoint is also checked
     against its config (finite values, ranges, training state) by
-    :func:`minivlmoe.runs.load_checkpoint`.
+    :func:`minivlmoe.run_checkpoint.load_checkpoint`.
     """
     path = _checked_path(path)
     if expected_config is not None:

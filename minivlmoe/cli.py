@@ -106,11 +106,11 @@ def _load_run(path):
 
     Raises CheckpointError (a ValueError) with a one-line message.
     """
-    from . import runs
+    from . import run_checkpoint, run_folder
 
     if os.path.isdir(path):
-        path = os.path.join(path, runs.CKPT_NAME)
-    return runs.load_checkpoint(path)
+        path = os.path.join(path, run_folder.CKPT_NAME)
+    return run_checkpoint.load_checkpoint(path)
 
 
 def _test_split(ckpt, model_cfg, train_cfg, tokenizer, data_path=None):
@@ -134,7 +134,7 @@ def cmd_train(args):
 
     import numpy as np
 
-    from . import runs, train
+    from . import run_folder, runs, train
 
     from .userdata import DataError, UserData, open_source
 
@@ -151,7 +151,7 @@ def cmd_train(args):
     model_kw = {k: v for k, v in (("experts", args.experts), ("dtype", args.dtype))
                 if v is not None}
     if args.resume:
-        config_path = os.path.join(out, runs.CONFIG_NAME)
+        config_path = os.path.join(out, run_folder.CONFIG_NAME)
         try:
             with open(config_path, encoding="utf-8") as f:
                 saved = json.load(f)
@@ -191,7 +191,7 @@ def cmd_train(args):
             args.parser.error(str(e))                                   # exit status 2
         if os.path.exists(out) and not os.path.isdir(out):
             return _fail(f"--out must be a folder, but it names an existing file ({out})")
-        if os.path.exists(os.path.join(out, runs.CKPT_NAME)) and not args.overwrite:
+        if os.path.exists(os.path.join(out, run_folder.CKPT_NAME)) and not args.overwrite:
             return _fail(f"{out} already holds a run; pass --resume to continue it, "
                          "--overwrite to start again, or choose another --out")
     progress = None if args.quiet else sys.stderr
@@ -212,7 +212,7 @@ def cmd_train(args):
         return _fail(f"interrupted; continue from the last checkpoint with "
                      f"`minivlmoe train --out {out} --resume`")
     except OSError as e:            # a checkpoint is replaced atomically or not at all
-        ckpt = os.path.join(out, runs.CKPT_NAME)
+        ckpt = os.path.join(out, run_folder.CKPT_NAME)
         kept = ("" if not os.path.isfile(ckpt) else "; the previous checkpoint is intact"
                 if e.filename is not None and os.fsdecode(e.filename) == ckpt
                 else f"; the last checkpoint is intact ({ckpt})")
@@ -223,8 +223,8 @@ def cmd_train(args):
         from .evaluate import format_report
 
         print(format_report(result.evaluations[-1], builtin=data is None))
-    print(f"metrics: {os.path.join(out, runs.METRICS_NAME)}  checkpoint: "
-          f"{os.path.join(out, runs.CKPT_NAME)}")
+    print(f"metrics: {os.path.join(out, run_folder.METRICS_NAME)}  checkpoint: "
+          f"{os.path.join(out, run_folder.CKPT_NAME)}")
     return 0
 
 

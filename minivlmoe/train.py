@@ -18,7 +18,7 @@ on the test split, appends one JSON line to ``DIR/metrics.jsonl`` and writes
 the last checkpoint go to ``DIR/history.jsonl`` (one line per step: lr, grad_norm and the
 losses), so the history ends at the checkpoint's step and a resume truncates it to that
 step, like metrics.jsonl.  ``DIR/config.json`` holds the run's configuration (the
-configurations, presets and files: :mod:`minivlmoe.runs`).  A progress line goes to
+configurations and presets: :mod:`minivlmoe.runs`; the files: :mod:`minivlmoe.run_folder`).  A progress line goes to
 stderr at most every ``PROGRESS_EVERY_S`` seconds.
 
 Randomness and resume
@@ -87,10 +87,10 @@ import numpy as np
 from . import checkpoint, evaluate, model, optim
 from ._checks import check_int
 from .data import minibatch_indices
-from .runs import (CKPT_NAME, HISTORY_NAME, METRICS_NAME, TrainConfig, append_jsonl,
-                   builtin_tokenizer, data_tokenizer, load_checkpoint, make_data,
-                   new_run_folder, remove_run_temps, run_config, truncate_history,
-                   truncate_metrics)
+from .run_checkpoint import load_checkpoint
+from .run_folder import (CKPT_NAME, HISTORY_NAME, METRICS_NAME, append_jsonl, new_run_folder,
+                         remove_run_temps, truncate_history, truncate_metrics)
+from .runs import TrainConfig, builtin_tokenizer, data_tokenizer, make_data, run_config
 from .timing import NULL_TIMER
 from .tokenizer import PAD_ID
 from .userdata import resolve
@@ -415,7 +415,7 @@ def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_a
     resume : continue from ``out_dir/ckpt.npz`` (whose config must equal this one);
         metrics.jsonl keeps its records up to the checkpoint's step (a torn last line
         is dropped) and the temporary files of killed writes are removed.
-        Without it a run starts afresh (:func:`minivlmoe.runs.new_run_folder`).
+        Without it a run starts afresh (:func:`minivlmoe.run_folder.new_run_folder`).
     stop_at : int or None; end this call after that step (saving a checkpoint), as if
         interrupted; the schedule still runs to ``train_cfg.steps``.
     progress : a text stream for the progress line, or None for silence.
@@ -432,7 +432,7 @@ def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_a
     ------
     checkpoint.CheckpointError if ``resume`` and the checkpoint is missing, damaged or
     from a different configuration, or metrics.jsonl is damaged before its last line
-    (:class:`minivlmoe.runs.MetricsError`).  TrainingDiverged when the loss diverges
+    (:class:`minivlmoe.run_folder.MetricsError`).  TrainingDiverged when the loss diverges
     (module docstring, "Divergence"; nothing of the diverged step is logged or saved).
     OSError when the run folder cannot be written (a failed checkpoint save leaves the
     previous checkpoint intact).

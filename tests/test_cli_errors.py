@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 
-from minivlmoe import checkpoint, cli, runs, train
+from minivlmoe import checkpoint, cli, run_checkpoint, run_folder, runs, train
 
 TINY = ["train", "--preset", "tiny", "--quiet"]
 
@@ -131,8 +131,8 @@ def test_divergence_keeps_the_last_checkpoint_and_logs_nothing_of_it(tmp_path, c
     line = _one_error_line(capsys)
     assert "at step 3" in line and f"the checkpoint of step 2 is kept: {out / 'ckpt.npz'}" \
         in line
-    assert [r["step"] for r in runs.read_metrics(out)] == [1, 2]
-    ckpt, _, _, _ = runs.load_checkpoint(out / "ckpt.npz")
+    assert [r["step"] for r in run_folder.read_metrics(out)] == [1, 2]
+    ckpt, _, _, _ = run_checkpoint.load_checkpoint(out / "ckpt.npz")
     assert ckpt.step == 2
 
 
@@ -166,8 +166,8 @@ def test_a_non_finite_evaluation_is_neither_logged_nor_saved(tmp_path, monkeypat
                        "non-finite values \\(test_total=nan\\)") as e:
         train.train(mcfg, tcfg, tmp_path, progress=None, decode_eval=False)
     assert e.value.checkpoint_step == 4
-    assert [r["step"] for r in runs.read_metrics(tmp_path)] == [4]
-    assert runs.load_checkpoint(tmp_path / "ckpt.npz")[0].step == 4
+    assert [r["step"] for r in run_folder.read_metrics(tmp_path)] == [4]
+    assert run_checkpoint.load_checkpoint(tmp_path / "ckpt.npz")[0].step == 4
 
 
 def test_a_bug_in_the_forward_keeps_its_traceback(monkeypatch):
@@ -198,7 +198,7 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_checkpoint(tmp_path, 
     assert "the previous checkpoint is intact" in line
     monkeypatch.undo()
     assert len(saves) == 2                                         # it failed in the second save
-    assert runs.load_checkpoint(out / "ckpt.npz")[0].step == 4     # the step-4 checkpoint
+    assert run_checkpoint.load_checkpoint(out / "ckpt.npz")[0].step == 4     # the step-4 checkpoint
     assert glob.glob(str(out / ".*.tmp")) == []                    # temp file removed
 
 
