@@ -26,8 +26,8 @@ that a bug still shows its traceback:
   a folder is needed, permission, a full disk).  Every I/O the commands do is on paths
   the user named, so an OSError is never a bug of ours; the line gives the system's
   reason and the path.
-* :class:`minivlmoe.train.TrainingDiverged` -- the loss diverged (the rule is in
-  :mod:`minivlmoe.train`); the line names the step, the loss and the rule, and the last
+* :class:`minivlmoe.divergence.TrainingDiverged` -- the loss diverged (the rule is in
+  :mod:`minivlmoe.divergence`); the line names the step, the loss and the rule, and the last
   good checkpoint, which is kept.
 * :class:`minivlmoe.checkpoint.CheckpointError` -- a checkpoint or run folder that
   cannot be used.
@@ -489,7 +489,7 @@ def main(argv=None):
 
 def _run(argv):
     from .checkpoint import CheckpointError
-    from .train import TrainingDiverged
+    from .divergence import TrainingDiverged
     from .userdata import DataError
 
     args = build_parser().parse_args(argv)

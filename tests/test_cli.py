@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from minivlmoe import cli, run_folder, runs, train
+from minivlmoe import cli, progress, run_folder, runs, train
 
 TINY = ["--preset", "tiny", "--steps", "8", "--eval-every", "4", "--quiet"]
 
@@ -177,7 +177,7 @@ def test_progress_has_speed_and_eta_from_the_first_line_and_announces_evaluation
         monkeypatch):
     import io
 
-    monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0.0)           # a line at every step
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)           # a line at every step
     stream = io.StringIO()
     mcfg, tcfg = runs.preset_configs("tiny", steps=6, eval_every=3)
     train.train(mcfg, tcfg, None, progress=stream)

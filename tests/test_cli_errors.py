@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 
-from minivlmoe import checkpoint, cli, run_checkpoint, run_folder, runs, train
+from minivlmoe import checkpoint, cli, divergence, run_checkpoint, run_folder, runs, train
 
 TINY = ["train", "--preset", "tiny", "--quiet"]
 
@@ -138,7 +138,7 @@ def test_divergence_keeps_the_last_checkpoint_and_logs_nothing_of_it(tmp_path, c
 
 def test_training_diverged_carries_the_step_and_loss():
     mcfg, tcfg = runs.preset_configs("tiny", lr=10.0)
-    with pytest.raises(train.TrainingDiverged, match="at step 3") as e:
+    with pytest.raises(divergence.TrainingDiverged, match="at step 3") as e:
         train.train(mcfg, tcfg, None, progress=None)
     assert e.value.step == 3 and e.value.loss > 10 * 6.8 and e.value.checkpoint is None
 
@@ -162,7 +162,7 @@ def test_a_non_finite_evaluation_is_neither_logged_nor_saved(tmp_path, monkeypat
 
     monkeypatch.setattr(train.evaluate, "evaluate", evaluate)
     mcfg, tcfg = runs.preset_configs("tiny", steps=8, eval_every=4)
-    with pytest.raises(train.TrainingDiverged, match="at step 8: the evaluation gave "
+    with pytest.raises(divergence.TrainingDiverged, match="at step 8: the evaluation gave "
                        "non-finite values \\(test_total=nan\\)") as e:
         train.train(mcfg, tcfg, tmp_path, progress=None, decode_eval=False)
     assert e.value.checkpoint_step == 4
@@ -183,7 +183,7 @@ def test_a_bug_in_the_forward_keeps_its_traceback(monkeypatch):
     mcfg, tcfg = runs.preset_configs("tiny", steps=3)
     with pytest.raises(ValueError, match="a bug") as e:
         train.train(mcfg, tcfg, None, progress=None)
-    assert not isinstance(e.value, train.TrainingDiverged)
+    assert not isinstance(e.value, divergence.TrainingDiverged)
 
 
 # ----------------------------------------------------------------------------- full disk
@@ -251,7 +251,7 @@ def test_no_clipping_warning_for_a_normal_run(capsys):
 
 def test_clipping_warning_needs_more_than_half_of_the_interval():
     stream = io.StringIO()
-    monitor = train._ClipMonitor(0.01)                     # warns above 1000 x 0.01 = 10
+    monitor = divergence.ClipMonitor(0.01)                     # warns above 1000 x 0.01 = 10
     for norm in (11.0, 11.0, 9.0, 10.0):                   # 2 of 4 above: not most
         monitor.add(norm)
     monitor.report(4, stream)
