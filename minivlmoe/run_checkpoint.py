@@ -1,8 +1,8 @@
 """A run's checkpoint loaded and checked for meaning: :func:`load_checkpoint`.
 
 :func:`minivlmoe.checkpoint.load` verifies the file (manifest, shapes, dtypes, checksums);
-:func:`load_checkpoint` also parses the run's config (:func:`minivlmoe.runs.parse_run_config`)
-and checks the checkpoint against a freshly initialized model of that config: the same
+:func:`load_checkpoint` also parses the run's config
+(:func:`minivlmoe.runs.parse_run_config`) and checks the checkpoint against a freshly initialized model of that config: the same
 keys, kinds, shapes and dtypes (:func:`_check_like`), finite values and non-negative
 second moments (:func:`_check_finite`), a ``log_logit_scale`` within reach of training
 (:func:`_adam_reach`, :func:`_check_logit_scale`) and a well-formed training state
