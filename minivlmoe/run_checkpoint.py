@@ -20,6 +20,7 @@ import scipy.sparse as sp
 
 from . import checkpoint, model, optim
 from .ops import contrastive
+from .rng_state import restore_rng
 from .runs import parse_run_config
 from .tree import flatten
 
@@ -96,7 +97,7 @@ def _check_logit_scale(ckpt, train_cfg, fail):
 
 def _check_rng(name, state, fail):
     try:
-        checkpoint.restore_rng(state)
+        restore_rng(state)
     except (TypeError, ValueError) as e:
         fail(f"{name} is not a bit-generator state of a known kind ({str(e)[:200]})")
 

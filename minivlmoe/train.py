@@ -61,6 +61,7 @@ from .data import minibatch_indices
 from .divergence import (ClipMonitor, DivergenceCheck, TrainingDiverged, blew_up, non_finite,
                          short_line)
 from .progress import Progress
+from .rng_state import restore_rng
 from .run_checkpoint import load_checkpoint
 from .run_folder import (CKPT_NAME, HISTORY_NAME, METRICS_NAME, append_jsonl, new_run_folder,
                          remove_run_temps, truncate_history, truncate_metrics)
@@ -110,7 +111,7 @@ class BatchStream:
     def from_state(cls, n, batch_size, state):
         stream = cls.__new__(cls)
         stream.n, stream.batch_size = n, batch_size
-        stream.rng = checkpoint.restore_rng(state["epoch_rng"])
+        stream.rng = restore_rng(state["epoch_rng"])
         stream._new_epoch()
         pos = check_int("pos", state["pos"], 0, n)
         if pos % batch_size:
@@ -179,7 +180,7 @@ def _resumed_state(path, config, train_cfg, n_train):
     ckpt, _, _, _ = load_checkpoint(path, expected_config=config)
     try:
         return _RunState(ckpt.params, ckpt.opt_state, ckpt.step,
-                         checkpoint.restore_rng(ckpt.rng_state["model"]),
+                         restore_rng(ckpt.rng_state["model"]),
                          BatchStream.from_state(n_train, train_cfg.batch_size,
                                                 ckpt.extra["stream"]),
                          dict(ckpt.extra["sums"]), int(ckpt.extra["count"]),
