@@ -122,13 +122,13 @@ def _without_time(records):
 
 def compare_runs(a, b):
     """(identical, detail): metrics.jsonl and ckpt.npz of run folders ``a`` and ``b``."""
-    from minivlmoe import runs
+    from minivlmoe import run_checkpoint, run_folder
 
-    ma, mb = runs.read_metrics(a), runs.read_metrics(b)
+    ma, mb = run_folder.read_metrics(a), run_folder.read_metrics(b)
     if _without_time(ma) != _without_time(mb):
         return False, f"metrics differ ({len(ma)} vs {len(mb)} records)"
-    ca = runs.load_checkpoint(os.path.join(a, runs.CKPT_NAME))[0]
-    cb = runs.load_checkpoint(os.path.join(b, runs.CKPT_NAME))[0]
+    ca = run_checkpoint.load_checkpoint(os.path.join(a, run_folder.CKPT_NAME))[0]
+    cb = run_checkpoint.load_checkpoint(os.path.join(b, run_folder.CKPT_NAME))[0]
     leaves = [_same_trees(ca.params, cb.params), _same_trees(ca.opt_state, cb.opt_state)]
     if None in leaves:
         return False, "final parameters or optimizer state differ"
@@ -143,7 +143,7 @@ def compare_runs(a, b):
 def run(kills=20, *, steps=200, eval_every=2, seed=0, dtype="float32", kill_seed=0,
         max_delay_s=2.0, workdir=None):
     """The kill-resume loop; returns a dict of counts (see the module docstring)."""
-    from minivlmoe import checkpoint, runs
+    from minivlmoe import checkpoint, run_checkpoint, run_folder
 
     rng = random.Random(kill_seed)
     own = workdir is None
@@ -156,7 +156,7 @@ def run(kills=20, *, steps=200, eval_every=2, seed=0, dtype="float32", kill_seed
         return logs[-1]
 
     ref = _start(ref_dir, log_path(), steps, eval_every, seed, resume=False, dtype=dtype)
-    ckpt_path = os.path.join(run_dir, runs.CKPT_NAME)
+    ckpt_path = os.path.join(run_dir, run_folder.CKPT_NAME)
     proc = _start(run_dir, log_path(), steps, eval_every, seed, resume=False, dtype=dtype)
     while proc.poll() is None and not os.path.exists(ckpt_path):
         time.sleep(POLL_S)          # arm the kills once the first checkpoint exists
@@ -175,7 +175,7 @@ def run(kills=20, *, steps=200, eval_every=2, seed=0, dtype="float32", kill_seed
         done["in_save"] += bool(temps)
         done["temps_left_by_kills"] += len(temps)
         try:
-            step = runs.load_checkpoint(ckpt_path)[0].step
+            step = run_checkpoint.load_checkpoint(ckpt_path)[0].step
             if step < last_step:
                 raise checkpoint.CheckpointError(f"step {step} < {last_step}")
             last_step = step

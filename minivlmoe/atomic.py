@@ -7,7 +7,7 @@ on POSIX and Windows) and ``fsync``s the folder where the platform allows.  A ki
 write leaves its temporary file behind; :func:`remove_stale_temps` deletes exactly the
 files of that pattern for one destination (and nothing else), and every write calls it
 first.  Used by the checkpoints (:mod:`minivlmoe.checkpoint`) and the run folder's
-config.json, metrics.jsonl and history.jsonl rewrites (:mod:`minivlmoe.runs`).
+config.json, metrics.jsonl and history.jsonl rewrites (:mod:`minivlmoe.run_folder`).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ pickled object array; an invalid sparse pattern; and a config that differs from
 ``expected_config``.  A path that is a directory or holds a NUL byte is a
 CheckpointError too; a ``path`` that is not a path at all is a TypeError.  What the
 numbers mean (finite, in range) is checked for a run's checkpoint by
-:func:`minivlmoe.runs.load_checkpoint`.
+:func:`minivlmoe.run_checkpoint.load_checkpoint`.
 """
 
 from __future__ import annotations
@@ -66,7 +66,6 @@ VERSION = 1
 MANIFEST = "__manifest__"
 TREES = ("params", "opt_state")
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamp: identical state, identical bytes
-_BIT_GENERATORS = ("PCG64", "PCG64DXSM", "Philox", "SFC64", "MT19937")
 
 
 class CheckpointError(ValueError):
@@ -82,7 +81,8 @@ class Checkpoint(NamedTuple):
     opt_state : nested dict (e.g. from :func:`minivlmoe.optim.init_state`), as saved.
     step : int, the training step saved with the checkpoint.
     config : dict, the run's configuration (after a JSON round trip: tuples become lists).
-    rng_state : dict, e.g. ``Generator.bit_generator.state``; see :func:`restore_rng`.
+    rng_state : dict, e.g. ``Generator.bit_generator.state``; see
+        :func:`minivlmoe.rng_state.restore_rng`.
     extra : any JSON value given to :func:`save` (None by default).
     """
 
@@ -182,7 +182,7 @@ def save(path, *, params, opt_state, step, config, rng_state, extra=None):
     step : int >= 0.
     config : dict, JSON-serializable; compared on load with ``expected_config``.
     rng_state : dict, JSON-serializable, e.g. ``{"train": rng.bit_generator.state}``
-        or one generator's state (see :func:`restore_rng`).
+        or one generator's state (see :func:`minivlmoe.rng_state.restore_rng`).
     extra : any JSON-serializable value (e.g. the last metrics).
 
     Every argument is checked before the file is touched.  The file is written by
@@ -395,7 +395,7 @@ def load(path, expected_config=None):
 
     This checks the file, not what its numbers mean: a run's checkpoint is also checked
     against its config (finite values, ranges, training state) by
-    :func:`minivlmoe.runs.load_checkpoint`.
+    :func:`minivlmoe.run_checkpoint.load_checkpoint`.
     """
     path = _checked_path(path)
     if expected_config is not None:
@@ -444,30 +444,3 @@ def load(path, expected_config=None):
     return Checkpoint(params=trees["params"], opt_state=trees["opt_state"],
                       step=manifest["step"], config=manifest["config"],
                       rng_state=manifest["rng_state"], extra=manifest.get("extra"))
-
-
-def restore_rng(rng_state):
-    """A ``numpy.random.Generator`` in exactly the state ``rng_state``.
-
-    ``rng_state`` is ``Generator.bit_generator.state`` (a dict naming its bit
-    generator, e.g. ``{"bit_generator": "PCG64", "state": {...}, ...}``).
-    """
-    if not isinstance(rng_state, dict):
-        raise TypeError(f"rng_state must be a dict, got {type(rng_state).__name__}")
-    name = rng_state.get("bit_generator")
-    if name not in _BIT_GENERATORS:
-        raise ValueError(f"rng_state['bit_generator'] must be one of "
-                         f"{list(_BIT_GENERATORS)}, got {name!r}")
-    bit_generator = getattr(np.random, name)()
-    try:
-        bit_generator.state = rng_state
-    except (TypeError, ValueError, KeyError, OverflowError) as e:
-        raise ValueError(f"rng_state is not a valid {name} state ({_one_line(e)})") from None
-    # NumPy converts what it is given (1.5 -> 1, True -> 1): the state read back must be
-    # the state given, or the generator would silently draw another sequence
-    given, got = (json.dumps(s, default=_json_default, sort_keys=True)
-                  for s in (rng_state, bit_generator.state))
-    if given != got or rng_state.get("has_uint32", 0) not in (0, 1):
-        raise ValueError(f"rng_state is not a valid {name} state (a value has the wrong "
-                         f"type or range; got {given:.200})")
-    return np.random.Generator(bit_generator)

@@ -10,6 +10,9 @@ caption     greedy captions of test images, next to the reference captions.
 retrieve    the test images that best match a caption.
 plot        the training losses and evaluations of run folders (text, or a PNG).
 
+This module is the parser, :func:`main` and the error handling; the subcommands are in
+:mod:`minivlmoe.commands` (imported by :func:`build_parser`, after the threads are set).
+
 Global option: ``--threads N`` BLAS threads, 1 by default (minivlmoe/threads.py says why
 and who wins over whom); it goes before the subcommand.
 
@@ -26,9 +29,9 @@ that a bug still shows its traceback:
   a folder is needed, permission, a full disk).  Every I/O the commands do is on paths
   the user named, so an OSError is never a bug of ours; the line gives the system's
   reason and the path.
-* :class:`minivlmoe.train.TrainingDiverged` -- the loss diverged (the rule is in
-  :mod:`minivlmoe.train`); the line names the step, the loss and the rule, and the last
-  good checkpoint, which is kept.
+* :class:`minivlmoe.divergence.TrainingDiverged` -- the loss diverged (the rule is in
+  :mod:`minivlmoe.divergence`); the line names the step, the loss and the rule, and the
+  last good checkpoint, which is kept.
 * :class:`minivlmoe.checkpoint.CheckpointError` -- a checkpoint or run folder that
   cannot be used.
 * Bad data the user typed (a caption, a flag, a run's config.json) is validated where
@@ -49,304 +52,22 @@ import sys
 from . import threads
 
 
-def cmd_gradcheck(args):
-    """One row per (op, argument) of every case in the test registry, reading order
-    (minivlmoe.testing.GROUPS); a skipped argument's row says ``skip (<reason>)``."""
-    import numpy as np
-
-    from .gradcheck import check_case
-    from .testing import all_cases
-
-    rng = np.random.default_rng(args.seed)
-    header = f"{'op':<44} {'argument':<22} {'shape':<16} {'max rel err':>11} {'checked':>7}  result"
-    failures = matched = skipped = 0
-    for case in all_cases(rng, args.only):
-        matched += 1
-        if matched == 1:
-            print(header)
-            print("-" * len(header))
-        for row in check_case(case, rng):
-            if row.skipped:
-                print(f"{row.op:<44} {row.argument:<22} {str(row.shape):<16} "
-                      f"{'-':>11} {0:>7}  skip ({row.skipped})", flush=True)
-                skipped += 1
-                continue
-            failures += not row.passed
-            print(f"{row.op:<44} {row.argument:<22} {str(row.shape):<16} "
-                  f"{row.max_rel_error:>11.2e} {row.checked:>7}  "
-                  f"{'pass' if row.passed else 'FAIL'}", flush=True)
-    if not matched:
-        return _fail(f"--only {args.only!r} matches no gradcheck case")
-    print(f"\n{'all rows passed' if not failures else f'{failures} row(s) FAILED'} "
-          f"(tolerance per op, default 1e-6; see minivlmoe/gradcheck.py)"
-          + (f"; {skipped} argument(s) skipped, reasons in their rows" if skipped else ""))
-    return 1 if failures else 0
-
-
-def _fail(message):
+def fail(message):
     """One line on stderr and exit status 1 (no traceback)."""
     print(f"minivlmoe: error: {message}", file=sys.stderr)
     return 1
 
 
-def _os_reason(error):
+def os_reason(error):
     """The system's reason of an OSError, without the errno and the path."""
     return error.strerror or str(error) or type(error).__name__
 
 
-def _os_error_line(error):
+def os_error_line(error):
     """``<reason> (<path>)`` of an OSError (the path when it names one)."""
     paths = [p for p in (error.filename, error.filename2) if p is not None]
     where = " -> ".join(map(os.fsdecode, paths))
-    return _os_reason(error) + (f" ({where})" if paths else "")
-
-
-def _load_run(path):
-    """(checkpoint, ModelConfig, TrainConfig, Tokenizer) of a checkpoint file or run folder.
-
-    Raises CheckpointError (a ValueError) with a one-line message.
-    """
-    from . import runs
-
-    if os.path.isdir(path):
-        path = os.path.join(path, runs.CKPT_NAME)
-    return runs.load_checkpoint(path)
-
-
-def _test_split(ckpt, model_cfg, train_cfg, tokenizer, data_path=None):
-    """The run's test split: the built-in world drawn again, or its data file read again
-    and verified (``data_path``: where the file is now, if it moved)."""
-    from . import runs
-
-    return runs.run_splits(ckpt.config, model_cfg, train_cfg, tokenizer, data_path).test
-
-
-def _train_overrides(args):
-    """TrainConfig fields given on the command line (None = not given)."""
-    return {"steps": args.steps, "seed": args.seed, "batch_size": args.batch_size,
-            "lr": args.lr, "eval_every": args.eval_every, "max_objects": args.max_objects,
-            "n_train": args.n_train}
-
-
-def cmd_train(args):
-    import dataclasses
-    import json
-
-    import numpy as np
-
-    from . import runs, train
-
-    from .userdata import DataError, UserData, open_source
-
-    if args.data is None and (args.test_fraction is not None or args.patch is not None):
-        args.parser.error("--test-fraction and --patch need --data FILE")
-    if args.data is not None and (args.max_objects is not None or args.n_train is not None):
-        args.parser.error("--max-objects and --n-train describe the built-in world; "
-                          "they do not apply with --data")
-    name = args.preset or "default"
-    if args.data is not None:
-        name = os.path.splitext(os.path.basename(args.data))[0]
-    out = args.out or os.path.join("runs", f"{name}-{args.experts or 'modality'}")
-    overrides = {k: v for k, v in _train_overrides(args).items() if v is not None}
-    model_kw = {k: v for k, v in (("experts", args.experts), ("dtype", args.dtype))
-                if v is not None}
-    if args.resume:
-        config_path = os.path.join(out, runs.CONFIG_NAME)
-        try:
-            with open(config_path, encoding="utf-8") as f:
-                saved = json.load(f)
-            model_cfg, train_cfg, _ = runs.parse_run_config(saved)
-        except OSError as e:
-            return _fail(f"cannot resume from {out}: {config_path} is missing "
-                         f"({type(e).__name__})")
-        except ValueError as e:                    # not JSON, not a run config, old version
-            return _fail(f"cannot resume from {out}: {config_path}: {e}")
-        preset = saved.get("preset")
-        data = None if "data" not in saved else open_source(saved["data"], args.data)
-        if data is None and args.data is not None:
-            return _fail(f"--data does not match the run in {out} (trained on the "
-                         f"built-in world); omit it to resume")
-        if args.test_fraction is not None or args.patch is not None:
-            return _fail("--test-fraction and --patch are fixed by the run; omit them to "
-                         "resume")
-        if args.preset is not None and args.preset != preset:
-            return _fail(f"--preset {args.preset} does not match the run in {out} "
-                         f"(preset {preset!r}); omit it to resume")
-        # flags given with --resume must agree with the run: the checkpoint's config check
-        # in train.train reports any difference
-        try:
-            train_cfg = dataclasses.replace(train_cfg, **overrides)
-            model_cfg = dataclasses.replace(model_cfg, **model_kw)
-        except (TypeError, ValueError) as e:
-            args.parser.error(str(e))                                   # exit status 2
-    else:
-        preset = args.preset or "default"
-        data = None if args.data is None else UserData(args.data, args.test_fraction)
-        try:                                # the arguments first, then the folder
-            model_cfg, train_cfg = runs.preset_configs(preset, **model_kw, **overrides,
-                                                       data=data, patch=args.patch)
-        except DataError:
-            raise
-        except (TypeError, ValueError) as e:
-            args.parser.error(str(e))                                   # exit status 2
-        if os.path.exists(out) and not os.path.isdir(out):
-            return _fail(f"--out must be a folder, but it names an existing file ({out})")
-        if os.path.exists(os.path.join(out, runs.CKPT_NAME)) and not args.overwrite:
-            return _fail(f"{out} already holds a run; pass --resume to continue it, "
-                         "--overwrite to start again, or choose another --out")
-    progress = None if args.quiet else sys.stderr
-    if progress is not None:
-        on = "" if data is None else (f" on {data.path} ({train_cfg.n_train} train, "
-                                      f"{train_cfg.n_test} test pairs, {model_cfg.image_size}"
-                                      f"x{model_cfg.image_size}, patch {model_cfg.patch}, "
-                                      f"V={model_cfg.vocab_size})")
-        print(f"training preset {preset!r} ({model_cfg.experts} experts, {train_cfg.steps} "
-              f"steps){on} into {out}", file=progress, flush=True)
-    try:
-        # a diverging run overflows; train.train checks every loss and evaluation for
-        # NaN and inf and stops with one line, so NumPy's warnings would only add noise
-        with np.errstate(over="ignore", invalid="ignore"):
-            result = train.train(model_cfg, train_cfg, out, data=data, resume=args.resume,
-                                 preset=preset, progress=progress)
-    except KeyboardInterrupt:
-        return _fail(f"interrupted; continue from the last checkpoint with "
-                     f"`minivlmoe train --out {out} --resume`")
-    except OSError as e:            # a checkpoint is replaced atomically or not at all
-        ckpt = os.path.join(out, runs.CKPT_NAME)
-        kept = ("" if not os.path.isfile(ckpt) else "; the previous checkpoint is intact"
-                if e.filename is not None and os.fsdecode(e.filename) == ckpt
-                else f"; the last checkpoint is intact ({ckpt})")
-        return _fail(f"cannot write the run: {_os_error_line(e)}{kept}")
-    if not result.history:
-        print(f"the run in {out} is already complete ({result.step} steps)")
-    if result.evaluations:
-        from .evaluate import format_report
-
-        print(format_report(result.evaluations[-1], builtin=data is None))
-    print(f"metrics: {os.path.join(out, runs.METRICS_NAME)}  checkpoint: "
-          f"{os.path.join(out, runs.CKPT_NAME)}")
-    return 0
-
-
-def cmd_eval(args):
-    from .evaluate import evaluate, format_report
-
-    ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.ckpt)
-    test = _test_split(ckpt, model_cfg, train_cfg, tokenizer, args.data)
-    results = evaluate(ckpt.params, model_cfg, test, tokenizer, decode=not args.no_decode)
-    print(f"checkpoint {args.ckpt}: step {ckpt.step}, {model_cfg.experts} experts, "
-          f"{train_cfg.n_test} test pairs")
-    print(format_report(results, builtin="data" not in ckpt.config))
-    if args.json:
-        import json
-
-        try:
-            with open(args.json, "w", encoding="utf-8") as f:
-                json.dump({"step": ckpt.step, **results}, f, indent=2)
-                f.write("\n")
-        except OSError as e:
-            return _fail(f"cannot write --json: {_os_reason(e)} ({args.json}); "
-                         "the report above was printed")
-    return 0
-
-
-def cmd_caption(args):
-    from .evaluate import generate_captions
-    from .tokenizer import normalize
-
-    ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.ckpt)
-    test = _test_split(ckpt, model_cfg, train_cfg, tokenizer, args.data)
-    refs = [normalize(c) for c in test.captions]          # the form decoded captions have
-    n = min(args.n, len(test))
-    images = test.images[:n].astype(model_cfg.dtype, copy=False)      # (n, R, R, Ch)
-    hyps = generate_captions(ckpt.params, model_cfg, images, tokenizer)
-    for i, (hyp, ref) in enumerate(zip(hyps, refs[:n])):
-        mark = "ok " if hyp == ref else "   "
-        held = " (held-out pair)" if test.heldout is not None and test.heldout[i] else ""
-        print(f"[{i:>3}] {mark} generated: {hyp}\n            reference: {ref}{held}")
-    print(f"exact match {sum(h == r for h, r in zip(hyps, refs)) / n:.3f} "
-          f"on {n} test images")
-    if args.png:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return _fail("--png needs matplotlib, which is not installed "
-                         "(from the checkout: pip install -e '.[plot]'; or pip install "
-                         "matplotlib); the captions above were printed")
-        cols = min(4, n)
-        rows = -(-n // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
-        for ax in axes.ravel():
-            ax.axis("off")
-        for i, ax in enumerate(axes.ravel()[:n]):
-            ax.imshow(test.images[i], interpolation="nearest")
-            ax.set_title(f"gen: {hyps[i]}\nref: {test.captions[i]}", fontsize=6,
-                         color="black" if hyps[i] == refs[i] else "red")
-        fig.tight_layout()
-        fig.savefig(args.png, dpi=120)
-        plt.close(fig)
-        print(f"saved {args.png}")
-    return 0
-
-
-def cmd_retrieve(args):
-    import numpy as np
-
-    from . import inference
-    from .world import to_ascii
-    from .tokenizer import PAD_ID, UNK_ID, normalize, tokenize
-    from ._checks import shorten
-
-    ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.ckpt)
-    if not args.caption.strip():
-        return _fail("the caption must not be empty")
-    try:
-        ids = tokenizer.encode([args.caption], model_cfg.max_text_len)  # (1, T)
-    except ValueError as e:
-        return _fail(str(e))
-    unknown = [w for w in tokenize(args.caption) if tokenizer.ids.get(w, UNK_ID) == UNK_ID]
-    if unknown:
-        print(f"note: words not in the vocabulary (read as <unk>): {shorten(' '.join(unknown))}",
-              file=sys.stderr)
-    test = _test_split(ckpt, model_cfg, train_cfg, tokenizer, args.data)
-    images = test.images.astype(model_cfg.dtype, copy=False)           # (B, R, R, Ch)
-    img_emb = inference.encode_images(ckpt.params, model_cfg, images)  # (B, De)
-    txt_emb = inference.encode_texts(ckpt.params, model_cfg, ids, pad_id=PAD_ID)  # (1, De)
-    scores = img_emb @ txt_emb[0]                                       # (B,)
-    order = np.argsort(-scores, kind="stable")[:args.top]              # (top,)
-    print(f"best matches among {len(test)} test images for {args.caption!r} "
-          f"(= marks an image whose own caption is this caption):")
-    query = normalize(args.caption)
-    for rank, i in enumerate(order, 1):
-        mark = "=" if normalize(test.captions[i]) == query else " "
-        print(f"{rank:>3}. {mark} image {i:>4}  score {scores[i]:+.3f}  "
-              f"its caption: {test.captions[i]}")
-    if args.ascii:
-        print(to_ascii(test.images[order[0]].astype(np.float32)))
-    return 0
-
-
-def cmd_plot(args):
-    from . import plot
-
-    try:
-        runs = [plot.load_run(path) for path in args.runs]
-    except (OSError, ValueError) as e:
-        return _fail(str(e))
-    print(plot.summary(runs))
-    if not args.png:
-        return 0
-    try:
-        plot.plot_runs(runs, args.png)
-    except ImportError:
-        return _fail(f"--png needs matplotlib, which is not installed (from the checkout: "
-                     f"{plot.PLOT_EXTRA}; or pip install matplotlib); the summary above "
-                     f"was printed")
-    print(f"saved {args.png}")
-    return 0
+    return os_reason(error) + (f" ({where})" if paths else "")
 
 
 def _int_at_least(low):
@@ -393,6 +114,7 @@ def _data_option(p):
 
 
 def build_parser():
+    from . import commands
     from .model import EXPERT_MODES
     from .runs import PRESETS
 
@@ -408,7 +130,7 @@ def build_parser():
     p = sub.add_parser("gradcheck", help="finite-difference check of every op's backward")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--only", default=None, help="only ops whose name contains this text")
-    p.set_defaults(func=cmd_gradcheck)
+    p.set_defaults(func=commands.cmd_gradcheck)
 
     p = sub.add_parser("train", help="train on the built-in world or your own data",
                        description="Train on the built-in image-caption world, or on your "
@@ -445,21 +167,21 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true",
                    help="start again even if --out holds a run")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.set_defaults(func=cmd_train, parser=p)
+    p.set_defaults(func=commands.cmd_train, parser=p)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on its test split")
     p.add_argument("ckpt", metavar="CKPT", help="a checkpoint file or a run folder")
     p.add_argument("--no-decode", action="store_true", help="skip the caption metrics")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     _data_option(p)
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=commands.cmd_eval)
 
     p = sub.add_parser("caption", help="greedy captions of test images")
     p.add_argument("ckpt", metavar="CKPT", help="a checkpoint file or a run folder")
     p.add_argument("--n", type=_positive_int, default=8, help="number of images (8)")
     p.add_argument("--png", metavar="FILE", help="save a grid of images (needs matplotlib)")
     _data_option(p)
-    p.set_defaults(func=cmd_caption)
+    p.set_defaults(func=commands.cmd_caption)
 
     p = sub.add_parser("retrieve", help="test images that best match a caption")
     p.add_argument("ckpt", metavar="CKPT", help="a checkpoint file or a run folder")
@@ -467,7 +189,7 @@ def build_parser():
     p.add_argument("--top", type=_positive_int, default=5, help="number of images (5)")
     p.add_argument("--ascii", action="store_true", help="draw the best image as text")
     _data_option(p)
-    p.set_defaults(func=cmd_retrieve)
+    p.set_defaults(func=commands.cmd_retrieve)
 
     p = sub.add_parser("plot", help="training losses and evaluations of run folders",
                        description="Print a summary of each run folder's history.jsonl "
@@ -475,7 +197,7 @@ def build_parser():
     p.add_argument("runs", nargs="+", metavar="RUN", help="a run folder (DIR of train --out)")
     p.add_argument("--png", metavar="FILE",
                    help="save the figure as a PNG (needs matplotlib: pip install -e '.[plot]')")
-    p.set_defaults(func=cmd_plot)
+    p.set_defaults(func=commands.cmd_plot)
     return parser
 
 
@@ -489,7 +211,7 @@ def main(argv=None):
 
 def _run(argv):
     from .checkpoint import CheckpointError
-    from .train import TrainingDiverged
+    from .divergence import TrainingDiverged
     from .userdata import DataError
 
     args = build_parser().parse_args(argv)
@@ -498,11 +220,11 @@ def _run(argv):
     try:
         return args.func(args)
     except (CheckpointError, DataError) as e:  # a bad checkpoint, run or data: one line
-        return _fail(str(e))
+        return fail(str(e))
     except TrainingDiverged as e:  # names the step, the loss, the rule and the checkpoint
-        return _fail(str(e))
+        return fail(str(e))
     except OSError as e:  # the file system refused: its reason and the path
-        return _fail(f"{args.command}: {_os_error_line(e)}")
+        return fail(f"{args.command}: {os_error_line(e)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

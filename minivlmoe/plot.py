@@ -1,6 +1,6 @@
 """Runs as pictures: the training losses of one or more run folders, with their evaluations.
 
-A run folder (:mod:`minivlmoe.runs`) holds ``history.jsonl`` (one line per training step:
+A run folder (:mod:`minivlmoe.run_folder`) holds ``history.jsonl`` (one line per training step:
 step, lr, grad_norm, total, contrastive, caption, aux and the aux parts) and
 ``metrics.jsonl`` (one line per evaluation: the test metrics of
 :func:`minivlmoe.evaluate.evaluate`).  :func:`load_run` reads both; :func:`summary` is a
@@ -25,7 +25,7 @@ import math
 import os
 from typing import NamedTuple
 
-from .runs import HISTORY_NAME, METRICS_NAME, read_jsonl
+from .run_folder import HISTORY_NAME, METRICS_NAME, read_jsonl
 
 LOSSES = ("total", "contrastive", "caption", "aux")
 FINAL_METRICS = (("i2t_r1", "i2t R@1"), ("t2i_r1", "t2i R@1"), ("caption_exact", "caption exact"),

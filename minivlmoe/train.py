@@ -18,8 +18,9 @@ on the test split, appends one JSON line to ``DIR/metrics.jsonl`` and writes
 the last checkpoint go to ``DIR/history.jsonl`` (one line per step: lr, grad_norm and the
 losses), so the history ends at the checkpoint's step and a resume truncates it to that
 step, like metrics.jsonl.  ``DIR/config.json`` holds the run's configuration (the
-configurations, presets and files: :mod:`minivlmoe.runs`).  A progress line goes to
-stderr at most every ``PROGRESS_EVERY_S`` seconds.
+configurations and presets: :mod:`minivlmoe.runs`; the files:
+:mod:`minivlmoe.run_folder`).  A progress line goes to stderr at most every
+``PROGRESS_EVERY_S`` seconds (:class:`minivlmoe.progress.Progress`).
 
 Randomness and resume
 ---------------------
@@ -34,39 +35,11 @@ one (float32 and float64 alike; tests/test_train.py checks it).
 
 Divergence and clipping
 -----------------------
-Step ``s``'s losses are checked as soon as they are known, before anything is logged
-or saved.  Training stops with :class:`TrainingDiverged` (the CLI prints it as one line
-and exits 1) when
-
-* any loss of the step is NaN or infinite, or
-* the total loss exceeds ``DIVERGENCE_FACTOR`` (10) times the lowest running mean seen
-  so far in this call, the running mean being the mean of the last
-  ``DIVERGENCE_WINDOW`` (20) step losses (of all the steps so far while fewer than 20
-  have run), or
-* after the first update, the model's forward or backward (or an evaluation) fails on
-  the updated parameters with a FloatingPointError or a ValueError about non-finite
-  values (the data and the configuration are unchanged since the first step, so only
-  the parameters can have gone wrong), or
-* an evaluation returns a NaN or infinite figure (then neither its metrics line nor
-  its checkpoint is written).
-
-A normal run's loss starts at its highest (about 6.8 for tiny, 8.4 for default) and
-decreases with per-step noise; the largest ratio of a step's loss to the reference
-measured on normal runs is 3.2 (tiny, 1000 steps, overfitting to a loss of 0.25) and
-1.3 (default, 300 steps), so the factor 10 leaves a margin of 3.  ``--lr 10`` on tiny
-breaks it at step 3 (353 > 10 x 6.80), ``--lr 100`` at step 2.  The reference starts
-again after a resume.  Nothing of a step that breaks the rule is logged or saved, so
-the checkpoint on disk is the one of the last evaluation before it.  (That checkpoint's own loss is only measured by the next step:
-when the divergence starts with the very update before an evaluation, only its test
-figures, which must be finite, vouch for it.)
-
-Gradients are clipped on *every* step of a normal run (norms 2 to 90 against
-``max_grad_norm = 1``; with AdamW, which divides by the gradients' running RMS, a
-constant clipping factor changes almost nothing), so being clipped is not a warning
-sign by itself.  A warning line is printed once per evaluation interval (at the
-evaluation, and at a ``stop_at`` end) when on more than half of the interval's steps
-the gradient norm exceeded ``CLIP_WARN_RATIO`` (1000) times ``max_grad_norm``: ten
-times the largest ratio a normal run shows (about 90, at initialization).
+Each step's losses are checked as soon as they are known, before anything is logged or
+saved, and each evaluation's figures before they are written: a step or an evaluation
+that breaks the rule of :mod:`minivlmoe.divergence` stops training with
+:class:`minivlmoe.divergence.TrainingDiverged`, and a warning line says when clipping
+dominates the gradients (:class:`minivlmoe.divergence.ClipMonitor`).
 
 Tokens per second counts each pair's input tokens once: (1 + P) image tokens plus T
 text tokens per pair.
@@ -74,9 +47,7 @@ text tokens per pair.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -87,40 +58,17 @@ import numpy as np
 from . import checkpoint, evaluate, model, optim
 from ._checks import check_int
 from .data import minibatch_indices
-from .runs import (CKPT_NAME, HISTORY_NAME, METRICS_NAME, TrainConfig, append_jsonl,
-                   builtin_tokenizer, data_tokenizer, load_checkpoint, make_data,
-                   new_run_folder, remove_run_temps, run_config, truncate_history,
-                   truncate_metrics)
+from .divergence import (ClipMonitor, DivergenceCheck, TrainingDiverged, blew_up, non_finite,
+                         short_line)
+from .progress import Progress
+from .rng_state import restore_rng
+from .run_checkpoint import load_checkpoint
+from .run_folder import (CKPT_NAME, HISTORY_NAME, METRICS_NAME, append_jsonl, new_run_folder,
+                         remove_run_temps, truncate_history, truncate_metrics)
+from .runs import TrainConfig, builtin_tokenizer, data_tokenizer, make_data, run_config
 from .timing import NULL_TIMER
 from .tokenizer import PAD_ID
 from .userdata import resolve
-
-PROGRESS_EVERY_S = 2.0
-DIVERGENCE_FACTOR = 10.0    # a step's total loss above this many times the reference ...
-DIVERGENCE_WINDOW = 20      # ... the lowest mean of this many consecutive step losses
-CLIP_WARN_RATIO = 1000.0    # warn when most steps' grad norm exceed this x max_grad_norm
-_SHOW = 200                 # characters of an echoed value in a message
-
-
-def _short(text):
-    text = " ".join(str(text).split())
-    return text if len(text) <= _SHOW else text[:_SHOW - 3] + "..."
-
-
-class TrainingDiverged(FloatingPointError):
-    """Training stopped because the loss diverged (module docstring, "Divergence").
-
-    The message names the step, the loss and the rule broken, and the checkpoint kept
-    (the last one written before the rule broke).  Attributes: ``step`` (the step that
-    broke the rule), ``loss`` (its total loss, may be NaN or inf; None if the forward
-    failed), ``checkpoint`` (path of the checkpoint kept on disk, or None) and
-    ``checkpoint_step``.
-    """
-
-    def __init__(self, message, *, step, loss=None, checkpoint=None, checkpoint_step=None):
-        super().__init__(message)
-        self.step, self.loss = step, loss
-        self.checkpoint, self.checkpoint_step = checkpoint, checkpoint_step
 
 
 # ----------------------------------------------------------------------------- data order
@@ -163,7 +111,7 @@ class BatchStream:
     def from_state(cls, n, batch_size, state):
         stream = cls.__new__(cls)
         stream.n, stream.batch_size = n, batch_size
-        stream.rng = checkpoint.restore_rng(state["epoch_rng"])
+        stream.rng = restore_rng(state["epoch_rng"])
         stream._new_epoch()
         pos = check_int("pos", state["pos"], 0, n)
         if pos % batch_size:
@@ -191,124 +139,6 @@ class TrainResult(NamedTuple):
     history: list
     evaluations: list
     stopped: bool
-
-
-def _fmt_time(seconds):
-    seconds = int(round(seconds))
-    return f"{seconds // 60}:{seconds % 60:02d}"
-
-
-class _Progress:
-    """The stderr progress line, written at most every PROGRESS_EVERY_S seconds.
-
-    tokens/s and the ETA come from the (time, step) pairs of the last 50 steps since the
-    start or the last evaluation, the start or the evaluation's end included, so the very
-    first line and the first line after an evaluation have them too.
-    """
-
-    def __init__(self, stream, total_steps, tokens_per_step, step=0):
-        self.stream, self.total, self.tokens = stream, total_steps, tokens_per_step
-        self.last = -math.inf
-        # (time, step) of the last steps since the start or the last evaluation
-        self.window = collections.deque([(time.perf_counter(), step)], maxlen=51)
-
-    def update(self, step, losses, lr, elapsed):
-        now = time.perf_counter()
-        self.window.append((now, step))
-        if self.stream is None or now - self.last < PROGRESS_EVERY_S:
-            return
-        self.last = now
-        (t0, s0), (t1, s1) = self.window[0], self.window[-1]
-        rate = (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0      # steps per second
-        eta = (self.total - step) / rate if rate > 0 else 0.0
-        speed = f"{rate * self.tokens:,.0f}" if rate > 0 else "?"
-        print(f"step {step:>5}/{self.total} | loss {losses['total']:.4f} "
-              f"(con {losses['contrastive']:.3f} cap {losses['caption']:.3f} "
-              f"aux {losses['aux']:.4f}) | lr {lr:.2e} | {speed} tok/s | "
-              f"{_fmt_time(elapsed)} elapsed, ETA {_fmt_time(eta) if rate > 0 else '?'}",
-              file=self.stream, flush=True)
-
-    def evaluating(self, step, n_test):
-        """Say that an evaluation starts (it takes seconds with no other output)."""
-        if self.stream is not None:
-            print(f"step {step:>5}/{self.total} | evaluating on {n_test} test pairs ...",
-                  file=self.stream, flush=True)
-
-    def evaluation(self, record):
-        self.window.clear()                  # the evaluation's pause is not a slow step
-        self.window.append((time.perf_counter(), record["step"]))
-        if self.stream is not None:
-            print(f"eval @ step {record['step']}: i2t R@1 {record['i2t_r1']:.3f}  "
-                  f"t2i R@1 {record['t2i_r1']:.3f}  caption exact "
-                  f"{record.get('caption_exact', float('nan')):.3f}  BLEU-4 "
-                  f"{record.get('bleu4', float('nan')):.3f}", file=self.stream, flush=True)
-
-
-class _DivergenceCheck:
-    """The divergence rule on the step losses (module docstring, "Divergence")."""
-
-    def __init__(self):
-        self.window = collections.deque(maxlen=DIVERGENCE_WINDOW)     # last K totals
-        self.best = math.inf                       # lowest mean of the window so far
-
-    def problem(self, losses):
-        """None if the step's losses keep the rule, else what is wrong (one line)."""
-        bad = [f"{k}={v}" for k, v in losses.items() if not math.isfinite(v)]
-        if bad:
-            return f"non-finite loss ({_short(', '.join(bad))})"
-        total = losses["total"]
-        if self.best > 0 and total > DIVERGENCE_FACTOR * self.best:
-            return (f"total loss {total:.4g} > {DIVERGENCE_FACTOR:g} x {self.best:.4g}, "
-                    f"the lowest mean of {DIVERGENCE_WINDOW} consecutive step losses so far")
-        self.window.append(total)
-        self.best = min(self.best, sum(self.window) / len(self.window))
-        return None
-
-
-def _non_finite(tree, path=""):
-    """'key=value' of every NaN or infinite float in a nested dict/list of a record."""
-    if isinstance(tree, dict):
-        return [b for k, v in tree.items() for b in _non_finite(v, f"{path}.{k}" if path
-                                                                     else str(k))]
-    if isinstance(tree, (list, tuple)):
-        return [b for i, v in enumerate(tree) for b in _non_finite(v, f"{path}[{i}]")]
-    if isinstance(tree, float) and not math.isfinite(tree):
-        return [f"{path}={tree}"]
-    return []
-
-
-def _blew_up(error):
-    """Is ``error``, raised by the model on updated parameters, a sign of divergence?
-
-    FloatingPointError always; ValueError when it is a finiteness check of an op's input
-    (the library's checks say "must be finite").  Anything else is a bug: re-raised.
-    """
-    return isinstance(error, FloatingPointError) or (isinstance(error, ValueError)
-                                                     and "finite" in str(error))
-
-
-class _ClipMonitor:
-    """Counts the steps whose gradient norm exceeds CLIP_WARN_RATIO x max_grad_norm."""
-
-    def __init__(self, max_grad_norm):
-        self.limit = None if max_grad_norm is None else CLIP_WARN_RATIO * max_grad_norm
-        self.max_grad_norm = max_grad_norm
-        self.norms, self.since = [], 0
-
-    def add(self, grad_norm):
-        self.norms.append(grad_norm)
-
-    def report(self, step, stream):
-        """Print the warning if more than half of the steps since the last report were
-        clipped by more than CLIP_WARN_RATIO; start a new interval."""
-        hard = 0 if self.limit is None else sum(n > self.limit for n in self.norms)
-        if hard * 2 > len(self.norms):
-            print(f"warning: gradient norm above {CLIP_WARN_RATIO:g} x max_grad_norm "
-                  f"(= {self.max_grad_norm:g}) on {hard} of {len(self.norms)} steps "
-                  f"since step {self.since} (median {float(np.median(self.norms)):.3g}): "
-                  f"clipping dominates the gradients; check max_grad_norm and lr",
-                  file=stream if stream is not None else sys.stderr, flush=True)
-        self.norms, self.since = [], step
 
 
 def _loss_keys(losses):
@@ -350,7 +180,7 @@ def _resumed_state(path, config, train_cfg, n_train):
     ckpt, _, _, _ = load_checkpoint(path, expected_config=config)
     try:
         return _RunState(ckpt.params, ckpt.opt_state, ckpt.step,
-                         checkpoint.restore_rng(ckpt.rng_state["model"]),
+                         restore_rng(ckpt.rng_state["model"]),
                          BatchStream.from_state(n_train, train_cfg.batch_size,
                                                 ckpt.extra["stream"]),
                          dict(ckpt.extra["sums"]), int(ckpt.extra["count"]),
@@ -415,7 +245,7 @@ def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_a
     resume : continue from ``out_dir/ckpt.npz`` (whose config must equal this one);
         metrics.jsonl keeps its records up to the checkpoint's step (a torn last line
         is dropped) and the temporary files of killed writes are removed.
-        Without it a run starts afresh (:func:`minivlmoe.runs.new_run_folder`).
+        Without it a run starts afresh (:func:`minivlmoe.run_folder.new_run_folder`).
     stop_at : int or None; end this call after that step (saving a checkpoint), as if
         interrupted; the schedule still runs to ``train_cfg.steps``.
     progress : a text stream for the progress line, or None for silence.
@@ -432,8 +262,8 @@ def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_a
     ------
     checkpoint.CheckpointError if ``resume`` and the checkpoint is missing, damaged or
     from a different configuration, or metrics.jsonl is damaged before its last line
-    (:class:`minivlmoe.runs.MetricsError`).  TrainingDiverged when the loss diverges
-    (module docstring, "Divergence"; nothing of the diverged step is logged or saved).
+    (:class:`minivlmoe.run_folder.MetricsError`).  TrainingDiverged when the loss diverges
+    (:mod:`minivlmoe.divergence`; nothing of the diverged step is logged or saved).
     OSError when the run folder cannot be written (a failed checkpoint save leaves the
     previous checkpoint intact).
     """
@@ -470,11 +300,11 @@ def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_a
         return state.elapsed0 + time.perf_counter() - t_start
 
     P = (model_cfg.image_size // model_cfg.patch) ** 2
-    bar = _Progress(progress, train_cfg.steps,
+    bar = Progress(progress, train_cfg.steps,
                     train_cfg.batch_size * (1 + P + model_cfg.max_text_len), state.step)
     sections = timer if timer is not None else NULL_TIMER
     history, evaluations = [], []
-    check, clips = _DivergenceCheck(), _ClipMonitor(adamw.max_grad_norm)
+    check, clips = DivergenceCheck(), ClipMonitor(adamw.max_grad_norm)
     saved_step = state.step if resume else None        # the checkpoint on disk
     written = 0                                 # history[:written] is in history.jsonl
 
@@ -498,10 +328,10 @@ def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_a
                                                     rng=state.model_rng, train=True,
                                                     timer=sections)
         except (FloatingPointError, ValueError) as e:
-            if state.step == 0 or not _blew_up(e):    # initial parameters: not divergence
+            if state.step == 0 or not blew_up(e):    # initial parameters: not divergence
                 raise
             raise diverged(state.step + 1, "the forward pass failed on the updated "
-                           f"parameters ({type(e).__name__}: {_short(e)})") from e
+                           f"parameters ({type(e).__name__}: {short_line(e)})") from e
         with sections.section("optimizer"):
             info = optim.step(state.params, grads, state.opt_state, adamw)
         state.step += 1
@@ -525,14 +355,14 @@ def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_a
                 record = _eval_record(state, model_cfg, train_cfg, splits.test, tokenizer,
                                       lr=info["lr"], elapsed=elapsed(), decode=decode_eval)
             except (FloatingPointError, ValueError) as e:
-                if not _blew_up(e):
+                if not blew_up(e):
                     raise
                 raise diverged(state.step, "the evaluation failed on the updated "
-                               f"parameters ({type(e).__name__}: {_short(e)})") from e
-            bad = _non_finite(record)
+                               f"parameters ({type(e).__name__}: {short_line(e)})") from e
+            bad = non_finite(record)
             if bad:                               # never logged, never saved
                 raise diverged(state.step, "the evaluation gave non-finite values "
-                               f"({_short(', '.join(bad))})")
+                               f"({short_line(', '.join(bad))})")
             evaluations.append(record)
             bar.evaluation(record)
             if out_dir is not None:

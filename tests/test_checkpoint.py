@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from minivlmoe import checkpoint, optim
 from minivlmoe.ops import sparse_linear
 from minivlmoe.checkpoint import CheckpointError
+from minivlmoe.rng_state import restore_rng
 from minivlmoe.tree import flatten
 
 CONFIG = {"model": {"width": 8, "experts": "modality", "moe_layers": [1, 3]}, "lr": 1e-3,
@@ -103,7 +104,7 @@ def test_round_trip_is_bit_exact(tmp_path_factory, seed, dtype, index_dtype, den
     assert_identical(ck.opt_state, state)
     assert (ck.step, ck.config, ck.extra, ck.rng_state) == (7, CONFIG, extra, rng_state)
     assert isinstance(ck.opt_state["step"], int) and ck.opt_state["step"] == 2
-    restored = checkpoint.restore_rng(ck.rng_state["data"])
+    restored = restore_rng(ck.rng_state["data"])
     assert restored.random(5).tobytes() == rng.random(5).tobytes()
 
 
@@ -123,7 +124,7 @@ def test_resume_continues_bit_for_bit(tmp_path):
         checkpoint.save(tmp_path / "r.npz", params=params, opt_state=state, step=2,
                         config=CONFIG, rng_state=rng.bit_generator.state)
         ck = checkpoint.load(tmp_path / "r.npz")
-        rng2 = checkpoint.restore_rng(ck.rng_state)
+        rng2 = restore_rng(ck.rng_state)
         for _ in range(2):
             optim.step(params, random_grads(params, rng), state, cfg)
             optim.step(ck.params, random_grads(ck.params, rng2), ck.opt_state, cfg)
@@ -399,13 +400,13 @@ def test_load_rejects_bad_expected_config(tmp_path):
 def test_restore_rng_errors():
     state = np.random.default_rng(0).bit_generator.state
     with pytest.raises(TypeError, match="rng_state must be a dict, got list"):
-        checkpoint.restore_rng([state])
+        restore_rng([state])
     with pytest.raises(ValueError, match=r"rng_state\['bit_generator'\] must be one of"):
-        checkpoint.restore_rng({**state, "bit_generator": "Dice"})
+        restore_rng({**state, "bit_generator": "Dice"})
     with pytest.raises(ValueError, match="rng_state is not a valid PCG64 state"):
-        checkpoint.restore_rng({**state, "state": {"state": 1}})
+        restore_rng({**state, "state": {"state": 1}})
     for name in ("PCG64", "Philox", "SFC64", "MT19937"):
         g = np.random.Generator(getattr(np.random, name)(5))
         g.random(3)
         s = json.loads(json.dumps(g.bit_generator.state, default=checkpoint._json_default))
-        assert checkpoint.restore_rng(s).random() == g.random()
+        assert restore_rng(s).random() == g.random()

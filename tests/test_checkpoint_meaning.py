@@ -1,4 +1,4 @@
-"""Run checkpoints checked for meaning on load (runs.load_checkpoint), not only for integrity.
+"""Run checkpoints checked for meaning on load (run_checkpoint.load_checkpoint), not only for integrity.
 
 Every bad checkpoint here is written by ``checkpoint.save`` itself, so every checksum is
 valid: only the meaning checks can object.  Each must be refused with one line naming
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minivlmoe import checkpoint, cli, optim, runs, train
+from minivlmoe import checkpoint, cli, optim, run_checkpoint, run_folder, runs, train
 from minivlmoe.checkpoint import CheckpointError
 from minivlmoe.ops import contrastive
 
@@ -35,18 +35,18 @@ def base_run(tmp_path_factory):
 
 def forge(base_run, out, mutate):
     """A copy of the base run whose checkpoint is re-saved after ``mutate(state)``."""
-    ck = checkpoint.load(base_run / runs.CKPT_NAME)
+    ck = checkpoint.load(base_run / run_folder.CKPT_NAME)
     state = dict(ck._asdict())
     mutate(state)
-    for name in (runs.CONFIG_NAME, runs.METRICS_NAME):
+    for name in (run_folder.CONFIG_NAME, run_folder.METRICS_NAME):
         shutil.copy(base_run / name, out / name)
-    checkpoint.save(out / runs.CKPT_NAME, **state)
+    checkpoint.save(out / run_folder.CKPT_NAME, **state)
     return out
 
 
 def refused(path):
     with pytest.raises(CheckpointError) as info:
-        runs.load_checkpoint(path)
+        run_checkpoint.load_checkpoint(path)
     message = str(info.value)
     assert message.startswith(f"checkpoint {path}: ") and "\n" not in message, message
     return message
@@ -172,7 +172,7 @@ CASES = {
 
 
 def test_the_base_run_loads(base_run):
-    ck, _, tcfg, _ = runs.load_checkpoint(base_run / runs.CKPT_NAME)
+    ck, _, tcfg, _ = run_checkpoint.load_checkpoint(base_run / run_folder.CKPT_NAME)
     assert ck.step == STOP and ck.extra["count"] == STOP and tcfg.steps == STEPS
     assert ck.extra["stream"]["pos"] == 48 and set(ck.extra["sums"]) >= {"total", "aux"}
 
@@ -183,7 +183,7 @@ def test_meaningless_checkpoint_is_refused(base_run, tmp_path, case):
 
     mutate, pattern = CASES[case]
     run = forge(base_run, tmp_path, mutate)
-    message = refused(run / runs.CKPT_NAME)
+    message = refused(run / run_folder.CKPT_NAME)
     assert re.search(pattern, message), message
 
 
@@ -200,7 +200,7 @@ def test_cli_refuses_it_with_one_line(base_run, tmp_path, capsys, case):
         lines = err.splitlines()
         assert len(lines) == 1 and lines[0].startswith("minivlmoe: error: checkpoint "), err
         assert pattern.split(r"\[")[0] in lines[0]
-    assert runs.read_metrics(run) == runs.read_metrics(base_run)   # resume changed nothing
+    assert run_folder.read_metrics(run) == run_folder.read_metrics(base_run)   # resume changed nothing
 
 
 def test_cli_process_prints_no_traceback(base_run, tmp_path):
@@ -216,7 +216,7 @@ def test_cli_process_prints_no_traceback(base_run, tmp_path):
 def test_the_first_problem_is_named(base_run, tmp_path):
     """Two problems: the message names the first checked (parameters before moments)."""
     run = forge(base_run, tmp_path, lambda s: (_v_inf(s), _inf_bias(s)))
-    assert "params['blocks.0.attn.q.b']" in refused(run / runs.CKPT_NAME)
+    assert "params['blocks.0.attn.q.b']" in refused(run / run_folder.CKPT_NAME)
 
 
 # ------------------------------------------------------------- the logit-scale bound
@@ -252,14 +252,14 @@ def test_adamw_never_moves_a_value_further_than_the_bound(seed, scale, steps, ex
     if extremal:                                   # the last update reaches R_t
         assert moved >= 0.999 * rt * cfg.lr
     tcfg = runs.TrainConfig(steps=steps, lr=0.1, warmup_steps=0, n_train=64, batch_size=16)
-    assert abs(float(params["log_logit_scale"])) <= runs._adam_reach(tcfg, steps)
+    assert abs(float(params["log_logit_scale"])) <= run_checkpoint._adam_reach(tcfg, steps)
 
 
 def test_reach_of_the_presets():
     """The documented figures: ratio 7.27 for betas (0.9, 0.999); a real run's bound."""
     assert abs(_ratio((0.9, 0.999)) - 7.2703) < 1e-4
     _, tcfg = runs.preset_configs("default")
-    reach = runs._adam_reach(tcfg, tcfg.steps)
+    reach = run_checkpoint._adam_reach(tcfg, tcfg.steps)
     assert 32 < reach < 34                       # 1.01 * 7.27 * 3e-3 * 1500 + 0.015
     assert contrastive.LOG_LOGIT_SCALE_INIT + reach < math.log(np.finfo(np.float32).max)
 
@@ -269,15 +269,15 @@ def test_reach_of_the_presets():
 @pytest.mark.parametrize("bad, kind", [(None, "NoneType"), (3, "int"), (2.5, "float"),
                                        (["ckpt.npz"], "list")])
 def test_load_refuses_a_path_that_is_not_a_path(bad, kind):
-    for load in (checkpoint.load, runs.load_checkpoint):
+    for load in (checkpoint.load, run_checkpoint.load_checkpoint):
         with pytest.raises(TypeError, match=rf"path must be a str, bytes or os.PathLike "
                                             rf"naming a checkpoint file, got {kind}"):
             load(bad)
 
 
 def test_load_refuses_a_nul_byte_and_a_directory(base_run, tmp_path):
-    path = str(base_run / runs.CKPT_NAME)
-    for load in (checkpoint.load, runs.load_checkpoint):
+    path = str(base_run / run_folder.CKPT_NAME)
+    for load in (checkpoint.load, run_checkpoint.load_checkpoint):
         with pytest.raises(CheckpointError) as info:
             load(path + "\0")
         message = str(info.value)
@@ -288,9 +288,9 @@ def test_load_refuses_a_nul_byte_and_a_directory(base_run, tmp_path):
 
 
 def test_load_takes_bytes_and_pathlike(base_run):
-    path = base_run / runs.CKPT_NAME
+    path = base_run / run_folder.CKPT_NAME
     ck = checkpoint.load(path)
-    assert runs.load_checkpoint(bytes(path))[0].step == ck.step == STOP
+    assert run_checkpoint.load_checkpoint(bytes(path))[0].step == ck.step == STOP
 
     class Bad:
         def __fspath__(self):
@@ -309,7 +309,7 @@ def test_a_nan_running_sum_in_a_hand_edited_manifest_is_refused(base_run, tmp_pa
     import zipfile
 
     run = forge(base_run, tmp_path, lambda s: None)
-    path = run / runs.CKPT_NAME
+    path = run / run_folder.CKPT_NAME
     with zipfile.ZipFile(path) as zf:
         members = {n: zf.read(n) for n in zf.namelist()}
     manifest = np.lib.format.read_array(zipfile.ZipFile(path).open("__manifest__.npy"))

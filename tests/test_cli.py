@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from minivlmoe import cli, runs, train
+from minivlmoe import cli, progress, run_folder, runs, train
 
 TINY = ["--preset", "tiny", "--steps", "8", "--eval-every", "4", "--quiet"]
 
@@ -22,7 +22,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_train_writes_config_metrics_and_checkpoint(run_dir, capsys):
-    records = runs.read_metrics(run_dir)
+    records = run_folder.read_metrics(run_dir)
     assert [r["step"] for r in records] == [4, 8]
     for key in ("step", "elapsed_s", "i2t_r1", "t2i_r1", "caption_exact", "bleu4",
                 "total", "contrastive", "caption", "aux"):
@@ -50,7 +50,7 @@ def test_train_resume_continues_an_interrupted_run(run_dir, tmp_path, capsys):
     train.train(mcfg, tcfg, tmp_path, stop_at=5, preset="tiny", progress=None)
     assert cli.main(["train", "--out", str(tmp_path), "--resume", "--quiet"]) == 0
     strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]  # noqa
-    assert strip(runs.read_metrics(tmp_path)) == strip(runs.read_metrics(run_dir))
+    assert strip(run_folder.read_metrics(tmp_path)) == strip(run_folder.read_metrics(run_dir))
     # a flag that contradicts the saved run is reported, not silently applied
     assert cli.main(["train", "--out", str(tmp_path), "--resume", "--lr", "0.5",
                      "--quiet"]) == 1
@@ -74,7 +74,7 @@ def test_eval(run_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "step 8" in out and "i2t R@1" in out and "BLEU-4" in out
     results = json.loads((tmp_path / "e.json").read_text())
-    assert results["i2t_r1"] == runs.read_metrics(run_dir)[-1]["i2t_r1"]
+    assert results["i2t_r1"] == run_folder.read_metrics(run_dir)[-1]["i2t_r1"]
     assert cli.main(["eval", str(run_dir)]) == 0              # a run folder works too
 
 
@@ -177,7 +177,7 @@ def test_progress_has_speed_and_eta_from_the_first_line_and_announces_evaluation
         monkeypatch):
     import io
 
-    monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0.0)           # a line at every step
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)           # a line at every step
     stream = io.StringIO()
     mcfg, tcfg = runs.preset_configs("tiny", steps=6, eval_every=3)
     train.train(mcfg, tcfg, None, progress=stream)

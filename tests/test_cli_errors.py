@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 
-from minivlmoe import checkpoint, cli, runs, train
+from minivlmoe import checkpoint, cli, divergence, run_checkpoint, run_folder, runs, train
 
 TINY = ["train", "--preset", "tiny", "--quiet"]
 
@@ -131,14 +131,14 @@ def test_divergence_keeps_the_last_checkpoint_and_logs_nothing_of_it(tmp_path, c
     line = _one_error_line(capsys)
     assert "at step 3" in line and f"the checkpoint of step 2 is kept: {out / 'ckpt.npz'}" \
         in line
-    assert [r["step"] for r in runs.read_metrics(out)] == [1, 2]
-    ckpt, _, _, _ = runs.load_checkpoint(out / "ckpt.npz")
+    assert [r["step"] for r in run_folder.read_metrics(out)] == [1, 2]
+    ckpt, _, _, _ = run_checkpoint.load_checkpoint(out / "ckpt.npz")
     assert ckpt.step == 2
 
 
 def test_training_diverged_carries_the_step_and_loss():
     mcfg, tcfg = runs.preset_configs("tiny", lr=10.0)
-    with pytest.raises(train.TrainingDiverged, match="at step 3") as e:
+    with pytest.raises(divergence.TrainingDiverged, match="at step 3") as e:
         train.train(mcfg, tcfg, None, progress=None)
     assert e.value.step == 3 and e.value.loss > 10 * 6.8 and e.value.checkpoint is None
 
@@ -162,12 +162,12 @@ def test_a_non_finite_evaluation_is_neither_logged_nor_saved(tmp_path, monkeypat
 
     monkeypatch.setattr(train.evaluate, "evaluate", evaluate)
     mcfg, tcfg = runs.preset_configs("tiny", steps=8, eval_every=4)
-    with pytest.raises(train.TrainingDiverged, match="at step 8: the evaluation gave "
+    with pytest.raises(divergence.TrainingDiverged, match="at step 8: the evaluation gave "
                        "non-finite values \\(test_total=nan\\)") as e:
         train.train(mcfg, tcfg, tmp_path, progress=None, decode_eval=False)
     assert e.value.checkpoint_step == 4
-    assert [r["step"] for r in runs.read_metrics(tmp_path)] == [4]
-    assert runs.load_checkpoint(tmp_path / "ckpt.npz")[0].step == 4
+    assert [r["step"] for r in run_folder.read_metrics(tmp_path)] == [4]
+    assert run_checkpoint.load_checkpoint(tmp_path / "ckpt.npz")[0].step == 4
 
 
 def test_a_bug_in_the_forward_keeps_its_traceback(monkeypatch):
@@ -183,7 +183,7 @@ def test_a_bug_in_the_forward_keeps_its_traceback(monkeypatch):
     mcfg, tcfg = runs.preset_configs("tiny", steps=3)
     with pytest.raises(ValueError, match="a bug") as e:
         train.train(mcfg, tcfg, None, progress=None)
-    assert not isinstance(e.value, train.TrainingDiverged)
+    assert not isinstance(e.value, divergence.TrainingDiverged)
 
 
 # ----------------------------------------------------------------------------- full disk
@@ -198,7 +198,7 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_checkpoint(tmp_path, 
     assert "the previous checkpoint is intact" in line
     monkeypatch.undo()
     assert len(saves) == 2                                         # it failed in the second save
-    assert runs.load_checkpoint(out / "ckpt.npz")[0].step == 4     # the step-4 checkpoint
+    assert run_checkpoint.load_checkpoint(out / "ckpt.npz")[0].step == 4     # the step-4 checkpoint
     assert glob.glob(str(out / ".*.tmp")) == []                    # temp file removed
 
 
@@ -251,7 +251,7 @@ def test_no_clipping_warning_for_a_normal_run(capsys):
 
 def test_clipping_warning_needs_more_than_half_of_the_interval():
     stream = io.StringIO()
-    monitor = train._ClipMonitor(0.01)                     # warns above 1000 x 0.01 = 10
+    monitor = divergence.ClipMonitor(0.01)                     # warns above 1000 x 0.01 = 10
     for norm in (11.0, 11.0, 9.0, 10.0):                   # 2 of 4 above: not most
         monitor.add(norm)
     monitor.report(4, stream)

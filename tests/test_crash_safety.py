@@ -13,7 +13,7 @@ import runpy
 import numpy as np
 import pytest
 
-from minivlmoe import atomic, checkpoint, runs, train
+from minivlmoe import atomic, checkpoint, run_folder, runs, train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -62,34 +62,34 @@ def test_resume_after_a_torn_last_line_equals_the_uninterrupted_run(tmp_path, fu
     full_dir, full = full_run
     mcfg, tcfg = tiny()
     train.train(mcfg, tcfg, tmp_path, stop_at=4, progress=None)
-    with open(tmp_path / runs.METRICS_NAME, "ab") as f:
+    with open(tmp_path / run_folder.METRICS_NAME, "ab") as f:
         f.write(tail)
     with pytest.raises(json.JSONDecodeError):       # what broke --resume before
-        [json.loads(line) for line in (tmp_path / runs.METRICS_NAME).read_text(
+        [json.loads(line) for line in (tmp_path / run_folder.METRICS_NAME).read_text(
             errors="replace").splitlines()]
-    assert [r["step"] for r in runs.read_metrics(tmp_path)] == [2, 4]   # readers tolerate it
+    assert [r["step"] for r in run_folder.read_metrics(tmp_path)] == [2, 4]   # readers tolerate it
     rest = train.train(mcfg, tcfg, tmp_path, resume=True, progress=None)
-    assert without_time(runs.read_metrics(tmp_path)) == without_time(runs.read_metrics(full_dir))
+    assert without_time(run_folder.read_metrics(tmp_path)) == without_time(run_folder.read_metrics(full_dir))
     same_trees(rest.params, full.params)
     same_trees(rest.opt_state, full.opt_state)
-    assert (tmp_path / runs.METRICS_NAME).read_bytes().endswith(b"}\n")
+    assert (tmp_path / run_folder.METRICS_NAME).read_bytes().endswith(b"}\n")
 
 
 def test_torn_line_before_the_last_is_one_clear_error(tmp_path):
     mcfg, tcfg = tiny()
     train.train(mcfg, tcfg, tmp_path, stop_at=4, progress=None)
-    path = tmp_path / runs.METRICS_NAME
+    path = tmp_path / run_folder.METRICS_NAME
     lines = path.read_bytes().splitlines(keepends=True)
     path.write_bytes(lines[0][:30] + b"\n" + lines[1])                  # line 1 torn
     before = path.read_bytes()
-    with pytest.raises(runs.MetricsError) as info:
+    with pytest.raises(run_folder.MetricsError) as info:
         train.train(mcfg, tcfg, tmp_path, resume=True, progress=None)
     message = str(info.value)
     assert message.startswith(f"{path}: line 1 of 2 is not valid JSON") and "\n" not in message
     assert isinstance(info.value, checkpoint.CheckpointError)            # the CLI's one line
     assert path.read_bytes() == before                                   # nothing rewritten
-    with pytest.raises(runs.MetricsError, match="line 1"):
-        runs.read_metrics(tmp_path)
+    with pytest.raises(run_folder.MetricsError, match="line 1"):
+        run_folder.read_metrics(tmp_path)
 
 
 def test_cli_resume_with_a_torn_middle_line_prints_one_line(tmp_path, capsys):
@@ -98,7 +98,7 @@ def test_cli_resume_with_a_torn_middle_line_prints_one_line(tmp_path, capsys):
     argv = ["train", "--preset", "tiny", "--steps", "4", "--eval-every", "2", "--quiet",
             "--out", str(tmp_path)]
     assert cli.main(argv) == 0
-    path = tmp_path / runs.METRICS_NAME
+    path = tmp_path / run_folder.METRICS_NAME
     path.write_bytes(b'{"step": 2, "i2t\n' + path.read_bytes().splitlines(keepends=True)[1])
     capsys.readouterr()
     assert cli.main(argv + ["--resume"]) == 1
@@ -111,39 +111,39 @@ def test_cli_resume_with_a_torn_middle_line_prints_one_line(tmp_path, capsys):
                                          (b'{"step": "4"}', "integer 'step'"),
                                          (b'{"i2t_r1": 0.5}', "line 2")])
 def test_a_valid_json_line_that_is_not_a_record_is_an_error_even_last(tmp_path, line, match):
-    (tmp_path / runs.METRICS_NAME).write_bytes(b'{"step": 2}\n' + line + b"\n")
-    with pytest.raises(runs.MetricsError, match=match):
-        runs.read_metrics(tmp_path)
+    (tmp_path / run_folder.METRICS_NAME).write_bytes(b'{"step": 2}\n' + line + b"\n")
+    with pytest.raises(run_folder.MetricsError, match=match):
+        run_folder.read_metrics(tmp_path)
 
 
 def test_read_metrics_skips_blank_lines_and_accepts_a_missing_newline(tmp_path):
-    assert runs.read_metrics(tmp_path) == []
-    (tmp_path / runs.METRICS_NAME).write_bytes(b'{"step": 2}\n\n{"step": 4}')
-    assert runs.read_metrics(tmp_path) == [{"step": 2}, {"step": 4}]
-    runs.truncate_metrics(tmp_path, 4)
-    assert (tmp_path / runs.METRICS_NAME).read_bytes() == b'{"step": 2}\n{"step": 4}\n'
+    assert run_folder.read_metrics(tmp_path) == []
+    (tmp_path / run_folder.METRICS_NAME).write_bytes(b'{"step": 2}\n\n{"step": 4}')
+    assert run_folder.read_metrics(tmp_path) == [{"step": 2}, {"step": 4}]
+    run_folder.truncate_metrics(tmp_path, 4)
+    assert (tmp_path / run_folder.METRICS_NAME).read_bytes() == b'{"step": 2}\n{"step": 4}\n'
 
 
 def test_append_writes_the_whole_line_in_one_write_and_fsyncs(tmp_path, monkeypatch):
-    path = tmp_path / runs.METRICS_NAME
+    path = tmp_path / run_folder.METRICS_NAME
     path.write_bytes(b'{"step": 1}\n')
     calls = []
     real_write, real_fsync = os.write, os.fsync
-    monkeypatch.setattr(runs.os, "write",
+    monkeypatch.setattr(run_folder.os, "write",
                         lambda fd, data: calls.append((fd, bytes(data))) or
                         real_write(fd, data))
-    monkeypatch.setattr(runs.os, "fsync", lambda fd: calls.append((fd, "fsync")) or
+    monkeypatch.setattr(run_folder.os, "fsync", lambda fd: calls.append((fd, "fsync")) or
                         real_fsync(fd))
     record = {"step": 2, "experts": {"layer1": list(range(5000))}}     # > one 8 KiB buffer
-    runs.append_jsonl(path, record)
+    run_folder.append_jsonl(path, record)
     monkeypatch.undo()
     line = (json.dumps(record) + "\n").encode()
     fd = calls[-1][0]
     assert [c for c in calls if c[0] == fd] == [(fd, line), (fd, "fsync")]
-    assert runs.read_metrics(tmp_path) == [{"step": 1}, record]
+    assert run_folder.read_metrics(tmp_path) == [{"step": 1}, record]
     with pytest.raises(ValueError):                                    # NaN: file untouched
-        runs.append_jsonl(path, {"step": 3, "loss": float("nan")})
-    assert runs.read_metrics(tmp_path) == [{"step": 1}, record]
+        run_folder.append_jsonl(path, {"step": 3, "loss": float("nan")})
+    assert run_folder.read_metrics(tmp_path) == [{"step": 1}, record]
 
 
 # ----------------------------------------------------------------------------- temp files
@@ -187,17 +187,17 @@ def test_remove_stale_temps_returns_what_it_removed(tmp_path):
 def test_resume_removes_the_run_folders_stale_temps_and_nothing_else(tmp_path):
     mcfg, tcfg = tiny(steps=4)
     train.train(mcfg, tcfg, tmp_path, stop_at=2, progress=None)
-    for base in (runs.CKPT_NAME, runs.CONFIG_NAME, runs.METRICS_NAME):
+    for base in (run_folder.CKPT_NAME, run_folder.CONFIG_NAME, run_folder.METRICS_NAME):
         stale(tmp_path, base)
     for name in LOOKALIKES + [".metrics.jsonl.tmp"]:
         (tmp_path / name).write_text("user file")
-    assert len(runs.remove_run_temps(tmp_path)) == 3
-    for base in (runs.CKPT_NAME, runs.CONFIG_NAME, runs.METRICS_NAME):
+    assert len(run_folder.remove_run_temps(tmp_path)) == 3
+    for base in (run_folder.CKPT_NAME, run_folder.CONFIG_NAME, run_folder.METRICS_NAME):
         stale(tmp_path, base)
     rest = train.train(mcfg, tcfg, tmp_path, resume=True, stop_at=2, progress=None)
     assert rest.history == []                             # nothing trained, nothing saved
     assert sorted(os.listdir(tmp_path)) == sorted(
-        [runs.CKPT_NAME, runs.CONFIG_NAME, runs.METRICS_NAME, runs.HISTORY_NAME,
+        [run_folder.CKPT_NAME, run_folder.CONFIG_NAME, run_folder.METRICS_NAME, run_folder.HISTORY_NAME,
          ".metrics.jsonl.tmp", *LOOKALIKES])
 
 
@@ -214,7 +214,7 @@ def _fail_after_half(data):
 def test_config_json_is_written_atomically(tmp_path, monkeypatch, target):
     mcfg, tcfg = tiny(steps=2)
     train.train(mcfg, tcfg, tmp_path, progress=None)
-    config_path = tmp_path / runs.CONFIG_NAME
+    config_path = tmp_path / run_folder.CONFIG_NAME
     old = config_path.read_bytes()
     if target == "half":                                # the write itself fails midway
         real = atomic.atomic_write
@@ -225,7 +225,7 @@ def test_config_json_is_written_atomically(tmp_path, monkeypatch, target):
             raise OSError("simulated failure")
         monkeypatch.setattr(checkpoint.os, target, fail)
     with pytest.raises(OSError):
-        runs.new_run_folder(tmp_path, runs.run_config(*tiny(steps=3), runs.builtin_tokenizer()))
+        run_folder.new_run_folder(tmp_path, runs.run_config(*tiny(steps=3), runs.builtin_tokenizer()))
     monkeypatch.undo()
     assert config_path.read_bytes() == old
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
@@ -235,12 +235,12 @@ def test_new_run_folder_writes_config_and_empty_metrics_and_history_and_drops_an
     mcfg, tcfg = tiny(steps=2)
     train.train(mcfg, tcfg, tmp_path, progress=None)
     config = runs.run_config(*tiny(steps=3), runs.builtin_tokenizer())
-    runs.new_run_folder(tmp_path, config)
-    assert sorted(os.listdir(tmp_path)) == sorted([runs.CONFIG_NAME, runs.METRICS_NAME,
-                                                   runs.HISTORY_NAME])
-    assert json.loads((tmp_path / runs.CONFIG_NAME).read_text()) == config
-    assert (tmp_path / runs.METRICS_NAME).read_bytes() == b""
-    assert (tmp_path / runs.HISTORY_NAME).read_bytes() == b""
+    run_folder.new_run_folder(tmp_path, config)
+    assert sorted(os.listdir(tmp_path)) == sorted([run_folder.CONFIG_NAME, run_folder.METRICS_NAME,
+                                                   run_folder.HISTORY_NAME])
+    assert json.loads((tmp_path / run_folder.CONFIG_NAME).read_text()) == config
+    assert (tmp_path / run_folder.METRICS_NAME).read_bytes() == b""
+    assert (tmp_path / run_folder.HISTORY_NAME).read_bytes() == b""
 
 
 # ----------------------------------------------------------------------------- kill loop

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from minivlmoe import cli, plot, runs, train
+from minivlmoe import cli, plot, run_folder, runs, train
 
 TINY = ["--preset", "tiny", "--steps", "6", "--eval-every", "3", "--quiet"]
 
@@ -24,7 +24,7 @@ def run_dirs(tmp_path_factory):
 
 
 def history_lines(folder):
-    with open(folder / runs.HISTORY_NAME, encoding="utf-8") as f:
+    with open(folder / run_folder.HISTORY_NAME, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
@@ -34,7 +34,7 @@ def test_history_has_one_line_per_step(run_dirs):
     for r in lines:
         assert {"lr", "grad_norm", "total", "contrastive", "caption", "aux"} <= set(r)
         assert r["total"] == pytest.approx(r["contrastive"] + r["caption"] + r["aux"])
-    assert runs.read_history(run_dirs[0]) == lines
+    assert run_folder.read_history(run_dirs[0]) == lines
 
 
 def test_history_equals_the_returned_history_and_survives_resume(tmp_path):
@@ -46,7 +46,7 @@ def test_history_equals_the_returned_history_and_survives_resume(tmp_path):
     assert history_lines(tmp_path / "full") == full.history
     part = train.train(mcfg, tcfg, tmp_path / "part", stop_at=5, progress=None)
     assert [r["step"] for r in history_lines(tmp_path / "part")] == [1, 2, 3, 4, 5]
-    with open(tmp_path / "part" / runs.HISTORY_NAME, "a", encoding="utf-8") as f:
+    with open(tmp_path / "part" / run_folder.HISTORY_NAME, "a", encoding="utf-8") as f:
         f.write(json.dumps({**part.history[-1], "step": 6}) + "\n")
     train.train(mcfg, tcfg, tmp_path / "part", resume=True, progress=None)
     assert history_lines(tmp_path / "part") == full.history
@@ -63,11 +63,11 @@ def test_plot_text_mode(run_dirs, capsys):
     assert cli.main(["plot", *map(str, run_dirs)]) == 0
     out = capsys.readouterr().out
     assert out.count("6 steps in history.jsonl (1..6), 2 evaluations in metrics.jsonl") == 2
-    first = runs.read_history(run_dirs[0])
+    first = run_folder.read_history(run_dirs[0])
     total = [r["total"] for r in first]
     assert (f"{'total':<12} {total[0]:8.4f} {total[-1]:8.4f} {min(total):8.4f} "
             f"{total.index(min(total)) + 1:8d}") in out
-    last = runs.read_metrics(run_dirs[0])[-1]
+    last = run_folder.read_metrics(run_dirs[0])[-1]
     assert f"final (step 6): i2t R@1 {last['i2t_r1']:.4f}  t2i R@1 {last['t2i_r1']:.4f}" in out
     assert f"BLEU-4 {last['bleu4']:.4f}" in out
 
@@ -100,7 +100,7 @@ def test_plot_bad_folders_are_one_line(tmp_path, capsys):
     assert cli.main(["plot", str(tmp_path)]) == 1
     assert "no history.jsonl or metrics.jsonl in the run folder" in capsys.readouterr().err
     # a torn LAST line is what a crash leaves and is dropped; a bad line before it is not
-    (tmp_path / runs.METRICS_NAME).write_text('{not json\n{"step": 1}\n')
+    (tmp_path / run_folder.METRICS_NAME).write_text('{not json\n{"step": 1}\n')
     assert cli.main(["plot", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "unreadable metrics.jsonl" in err and err.count("\n") == 1

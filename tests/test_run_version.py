@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from minivlmoe import checkpoint, cli, runs, train
+from minivlmoe import checkpoint, cli, run_checkpoint, run_folder, runs, train
 
 OLD = (r"run format version 1 is not supported: this minivlmoe reads version 2 "
        r"\(log_temp was renamed log_logit_scale\); retrain the run")
@@ -21,12 +21,12 @@ def old_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("old_run")
     mcfg, tcfg = runs.preset_configs("tiny", steps=2, eval_every=0)
     train.train(mcfg, tcfg, out, preset="tiny", progress=None, decode_eval=False)
-    config_path = out / runs.CONFIG_NAME
+    config_path = out / run_folder.CONFIG_NAME
     config = json.loads(config_path.read_text())
     assert config["version"] == runs.RUN_VERSION == 2
     config["version"] = 1
     config_path.write_text(json.dumps(config, indent=2) + "\n")
-    ckpt_path = out / runs.CKPT_NAME
+    ckpt_path = out / run_folder.CKPT_NAME
     ck = checkpoint.load(ckpt_path)
     opt_state = {**ck.opt_state, "m": _renamed_back(ck.opt_state["m"]),
                  "v": _renamed_back(ck.opt_state["v"])}
@@ -49,7 +49,7 @@ def test_parse_run_config_refuses_version_1():
 
 def test_load_checkpoint_refuses_a_version_1_run(old_run):
     with pytest.raises(checkpoint.CheckpointError, match=f"^checkpoint .*ckpt.npz: {OLD}$"):
-        runs.load_checkpoint(old_run / runs.CKPT_NAME)
+        run_checkpoint.load_checkpoint(old_run / run_folder.CKPT_NAME)
 
 
 @pytest.mark.parametrize("argv", [["eval", "{run}"], ["caption", "{run}"],

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from minivlmoe import checkpoint, evaluate, metrics, runs, timing, train
+from minivlmoe import checkpoint, evaluate, metrics, run_checkpoint, run_folder, runs, timing, train
 from minivlmoe.scenes import parse_caption
 
 
@@ -206,7 +206,7 @@ def test_tiny_preset_trains_and_its_loss_falls(tmp_path):
     result = train.train(mcfg, tcfg, tmp_path, progress=None)
     first, last = result.history[0]["total"], result.history[-1]["total"]
     assert last < first / 3, (first, last)
-    records = runs.read_metrics(tmp_path)
+    records = run_folder.read_metrics(tmp_path)
     assert len(records) == 1
     for key in ("step", "elapsed_s", "i2t_r1", "t2i_r1", "caption_exact", "bleu4", "total",
                 "contrastive", "caption", "aux", "test_total", "zs_color", "experts"):
@@ -230,8 +230,8 @@ def test_same_seed_gives_identical_metrics(tmp_path):
     a = train.train(mcfg, tcfg, tmp_path / "a", progress=None)
     b = train.train(mcfg, tcfg, tmp_path / "b", progress=None)
     assert a.history == b.history
-    assert without_time(runs.read_metrics(tmp_path / "a")) == \
-        without_time(runs.read_metrics(tmp_path / "b"))
+    assert without_time(run_folder.read_metrics(tmp_path / "a")) == \
+        without_time(run_folder.read_metrics(tmp_path / "b"))
     c = train.train(mcfg, dataclasses.replace(tcfg, seed=1), None, progress=None)
     assert c.history != a.history
 
@@ -250,8 +250,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, dtype, experts, stop):
     rest = train.train(mcfg, tcfg, tmp_path / "part", resume=True, progress=None)
     assert not rest.stopped and rest.step == 12
     assert part.history + rest.history == full.history
-    assert without_time(runs.read_metrics(tmp_path / "part")) == \
-        without_time(runs.read_metrics(tmp_path / "full"))
+    assert without_time(run_folder.read_metrics(tmp_path / "part")) == \
+        without_time(run_folder.read_metrics(tmp_path / "full"))
     same_trees(rest.params, full.params)
     same_trees(rest.opt_state, full.opt_state)
 
@@ -262,7 +262,7 @@ def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as f:       # as if the crash came later
         f.write(json.dumps({"step": 6, "i2t_r1": 0.0}) + "\n")
     train.train(mcfg, tcfg, tmp_path, resume=True, progress=None)
-    assert [r["step"] for r in runs.read_metrics(tmp_path)] == [4, 8]
+    assert [r["step"] for r in run_folder.read_metrics(tmp_path)] == [4, 8]
 
 
 def test_resume_refuses_other_config_and_damaged_checkpoint(tmp_path):
@@ -292,7 +292,7 @@ def test_train_rejects_bad_arguments():
 def test_load_checkpoint_checks_params_against_the_config(tmp_path):
     mcfg, tcfg = tiny(steps=2, eval_every=0)
     result = train.train(mcfg, tcfg, tmp_path, progress=None)
-    ckpt, m2, t2, tok = runs.load_checkpoint(tmp_path / "ckpt.npz")
+    ckpt, m2, t2, tok = run_checkpoint.load_checkpoint(tmp_path / "ckpt.npz")
     assert (m2, t2) == (mcfg, tcfg)
     same_trees(ckpt.params, result.params)
     # a checkpoint whose params do not fit its config is refused with one clear line
@@ -301,4 +301,4 @@ def test_load_checkpoint_checks_params_against_the_config(tmp_path):
     checkpoint.save(tmp_path / "bad.npz", params=bad, opt_state=ckpt.opt_state, step=2,
                     config=ckpt.config, rng_state=ckpt.rng_state, extra=ckpt.extra)
     with pytest.raises(checkpoint.CheckpointError, match="ln_f.gamma"):
-        runs.load_checkpoint(tmp_path / "bad.npz")
+        run_checkpoint.load_checkpoint(tmp_path / "bad.npz")

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from minivlmoe import cli, runs, train
+from minivlmoe import cli, run_folder, runs, train
 from minivlmoe.checkpoint import CheckpointError
 from minivlmoe.userdata import DataError, UserData, open_source
 
@@ -57,8 +57,8 @@ def test_the_run_records_its_data_and_vocabulary(user_run):
                                             "the"]
     assert config["model"]["vocab_size"] == 11 and config["model"]["max_text_len"] == 5
     assert config["train"]["n_train"] == 24 and config["train"]["n_test"] == 6
-    assert [r["step"] for r in runs.read_metrics(out)] == [3, 6]
-    assert not any(k.startswith(("zs_", "heldout_")) for k in runs.read_metrics(out)[-1])
+    assert [r["step"] for r in run_folder.read_metrics(out)] == [3, 6]
+    assert not any(k.startswith(("zs_", "heldout_")) for k in run_folder.read_metrics(out)[-1])
 
 
 def test_eval_caption_retrieve_on_a_user_run(user_run, tmp_path, capsys):
@@ -68,7 +68,7 @@ def test_eval_caption_retrieve_on_a_user_run(user_run, tmp_path, capsys):
     assert "6 test pairs" in text and "zero-shot  n/a (user data" in text
     assert "held-out   n/a (user data" in text
     results = json.loads((tmp_path / "e.json").read_text())
-    assert results["i2t_r1"] == runs.read_metrics(out)[-1]["i2t_r1"]
+    assert results["i2t_r1"] == run_folder.read_metrics(out)[-1]["i2t_r1"]
     assert cli.main(["caption", str(out), "--n", "3"]) == 0
     text = capsys.readouterr().out
     assert text.count("generated:") == 3 and "reference: the" in text  # normalized refs
@@ -89,7 +89,7 @@ def test_resume_on_user_data_equals_the_uninterrupted_run(user_run, tmp_path):
                 progress=None)
     assert cli.main(["train", "--out", str(tmp_path), "--resume", "--quiet"]) == 0
     strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]  # noqa
-    assert strip(runs.read_metrics(tmp_path)) == strip(runs.read_metrics(out))
+    assert strip(run_folder.read_metrics(tmp_path)) == strip(run_folder.read_metrics(out))
 
 
 def test_a_moved_or_changed_data_file_is_one_line(user_run, tmp_path, capsys):

@@ -61,10 +61,11 @@ def score(run):
     """
     import os
 
-    from minivlmoe import evaluate, inference, runs, userdata
+    from minivlmoe import evaluate, inference, run_checkpoint, run_folder, userdata
     from minivlmoe.tokenizer import PAD_ID
 
-    ckpt, mcfg, tcfg, tok = runs.load_checkpoint(os.path.join(run, runs.CKPT_NAME))
+    ckpt, mcfg, tcfg, tok = run_checkpoint.load_checkpoint(
+        os.path.join(run, run_folder.CKPT_NAME))
     data = userdata.open_source(ckpt.config["data"])
     test = data.splits(tcfg.data_seed).test
     labels = data.labels[data.test_mask(tcfg.data_seed)]             # (Bt,)

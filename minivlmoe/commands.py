@@ -1,0 +1,305 @@
+"""The subcommands of the command line: train, eval, caption, retrieve, plot, gradcheck.
+
+Each ``cmd_<name>(args)`` takes the parsed arguments of :func:`minivlmoe.cli.build_parser`
+and returns the exit status; an expected failure is one line
+(:func:`minivlmoe.cli.fail`) or an exception :func:`minivlmoe.cli.main` turns into one
+(the cli module's docstring lists them).  :func:`minivlmoe.cli.build_parser` imports this
+module when it runs, after the BLAS threads are chosen, and each command imports NumPy and
+the library inside itself, so nothing here loads NumPy at import time.
+
+* ``cmd_gradcheck`` -- one row per (op, argument) of the test registry.
+* ``cmd_train`` -- a new run, or the resume of one (``--resume``), on the built-in world
+  or your data.
+* ``cmd_eval``, ``cmd_caption``, ``cmd_retrieve`` -- a checkpoint or run folder
+  (:func:`_load_run`) on its run's test split (:func:`_test_split`).
+* ``cmd_plot`` -- the summary (and PNG) of run folders.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .cli import fail, os_error_line, os_reason   # the one error line of the command line
+
+
+def cmd_gradcheck(args):
+    """One row per (op, argument) of every case in the test registry, reading order
+    (minivlmoe.testing.GROUPS); a skipped argument's row says ``skip (<reason>)``."""
+    import numpy as np
+
+    from .gradcheck import check_case
+    from .testing import all_cases
+
+    rng = np.random.default_rng(args.seed)
+    header = f"{'op':<44} {'argument':<22} {'shape':<16} {'max rel err':>11} {'checked':>7}  result"
+    failures = matched = skipped = 0
+    for case in all_cases(rng, args.only):
+        matched += 1
+        if matched == 1:
+            print(header)
+            print("-" * len(header))
+        for row in check_case(case, rng):
+            if row.skipped:
+                print(f"{row.op:<44} {row.argument:<22} {str(row.shape):<16} "
+                      f"{'-':>11} {0:>7}  skip ({row.skipped})", flush=True)
+                skipped += 1
+                continue
+            failures += not row.passed
+            print(f"{row.op:<44} {row.argument:<22} {str(row.shape):<16} "
+                  f"{row.max_rel_error:>11.2e} {row.checked:>7}  "
+                  f"{'pass' if row.passed else 'FAIL'}", flush=True)
+    if not matched:
+        return fail(f"--only {args.only!r} matches no gradcheck case")
+    print(f"\n{'all rows passed' if not failures else f'{failures} row(s) FAILED'} "
+          f"(tolerance per op, default 1e-6; see minivlmoe/gradcheck.py)"
+          + (f"; {skipped} argument(s) skipped, reasons in their rows" if skipped else ""))
+    return 1 if failures else 0
+
+
+def _load_run(path):
+    """(checkpoint, ModelConfig, TrainConfig, Tokenizer) of a checkpoint file or run folder.
+
+    Raises CheckpointError (a ValueError) with a one-line message.
+    """
+    from . import run_checkpoint, run_folder
+
+    if os.path.isdir(path):
+        path = os.path.join(path, run_folder.CKPT_NAME)
+    return run_checkpoint.load_checkpoint(path)
+
+
+def _test_split(ckpt, model_cfg, train_cfg, tokenizer, data_path=None):
+    """The run's test split: the built-in world drawn again, or its data file read again
+    and verified (``data_path``: where the file is now, if it moved)."""
+    from . import runs
+
+    return runs.run_splits(ckpt.config, model_cfg, train_cfg, tokenizer, data_path).test
+
+
+def _train_overrides(args):
+    """TrainConfig fields given on the command line (None = not given)."""
+    return {"steps": args.steps, "seed": args.seed, "batch_size": args.batch_size,
+            "lr": args.lr, "eval_every": args.eval_every, "max_objects": args.max_objects,
+            "n_train": args.n_train}
+
+
+def cmd_train(args):
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from . import run_folder, runs, train
+
+    from .userdata import DataError, UserData, open_source
+
+    if args.data is None and (args.test_fraction is not None or args.patch is not None):
+        args.parser.error("--test-fraction and --patch need --data FILE")
+    if args.data is not None and (args.max_objects is not None or args.n_train is not None):
+        args.parser.error("--max-objects and --n-train describe the built-in world; "
+                          "they do not apply with --data")
+    name = args.preset or "default"
+    if args.data is not None:
+        name = os.path.splitext(os.path.basename(args.data))[0]
+    out = args.out or os.path.join("runs", f"{name}-{args.experts or 'modality'}")
+    overrides = {k: v for k, v in _train_overrides(args).items() if v is not None}
+    model_kw = {k: v for k, v in (("experts", args.experts), ("dtype", args.dtype))
+                if v is not None}
+    if args.resume:
+        config_path = os.path.join(out, run_folder.CONFIG_NAME)
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                saved = json.load(f)
+            model_cfg, train_cfg, _ = runs.parse_run_config(saved)
+        except OSError as e:
+            return fail(f"cannot resume from {out}: {config_path} is missing "
+                         f"({type(e).__name__})")
+        except ValueError as e:                    # not JSON, not a run config, old version
+            return fail(f"cannot resume from {out}: {config_path}: {e}")
+        preset = saved.get("preset")
+        data = None if "data" not in saved else open_source(saved["data"], args.data)
+        if data is None and args.data is not None:
+            return fail(f"--data does not match the run in {out} (trained on the "
+                         f"built-in world); omit it to resume")
+        if args.test_fraction is not None or args.patch is not None:
+            return fail("--test-fraction and --patch are fixed by the run; omit them to "
+                         "resume")
+        if args.preset is not None and args.preset != preset:
+            return fail(f"--preset {args.preset} does not match the run in {out} "
+                         f"(preset {preset!r}); omit it to resume")
+        # flags given with --resume must agree with the run: the checkpoint's config check
+        # in train.train reports any difference
+        try:
+            train_cfg = dataclasses.replace(train_cfg, **overrides)
+            model_cfg = dataclasses.replace(model_cfg, **model_kw)
+        except (TypeError, ValueError) as e:
+            args.parser.error(str(e))                                   # exit status 2
+    else:
+        preset = args.preset or "default"
+        data = None if args.data is None else UserData(args.data, args.test_fraction)
+        try:                                # the arguments first, then the folder
+            model_cfg, train_cfg = runs.preset_configs(preset, **model_kw, **overrides,
+                                                       data=data, patch=args.patch)
+        except DataError:
+            raise
+        except (TypeError, ValueError) as e:
+            args.parser.error(str(e))                                   # exit status 2
+        if os.path.exists(out) and not os.path.isdir(out):
+            return fail(f"--out must be a folder, but it names an existing file ({out})")
+        if os.path.exists(os.path.join(out, run_folder.CKPT_NAME)) and not args.overwrite:
+            return fail(f"{out} already holds a run; pass --resume to continue it, "
+                         "--overwrite to start again, or choose another --out")
+    progress = None if args.quiet else sys.stderr
+    if progress is not None:
+        on = "" if data is None else (f" on {data.path} ({train_cfg.n_train} train, "
+                                      f"{train_cfg.n_test} test pairs, {model_cfg.image_size}"
+                                      f"x{model_cfg.image_size}, patch {model_cfg.patch}, "
+                                      f"V={model_cfg.vocab_size})")
+        print(f"training preset {preset!r} ({model_cfg.experts} experts, {train_cfg.steps} "
+              f"steps){on} into {out}", file=progress, flush=True)
+    try:
+        # a diverging run overflows; train.train checks every loss and evaluation for
+        # NaN and inf and stops with one line, so NumPy's warnings would only add noise
+        with np.errstate(over="ignore", invalid="ignore"):
+            result = train.train(model_cfg, train_cfg, out, data=data, resume=args.resume,
+                                 preset=preset, progress=progress)
+    except KeyboardInterrupt:
+        return fail(f"interrupted; continue from the last checkpoint with "
+                     f"`minivlmoe train --out {out} --resume`")
+    except OSError as e:            # a checkpoint is replaced atomically or not at all
+        ckpt = os.path.join(out, run_folder.CKPT_NAME)
+        kept = ("" if not os.path.isfile(ckpt) else "; the previous checkpoint is intact"
+                if e.filename is not None and os.fsdecode(e.filename) == ckpt
+                else f"; the last checkpoint is intact ({ckpt})")
+        return fail(f"cannot write the run: {os_error_line(e)}{kept}")
+    if not result.history:
+        print(f"the run in {out} is already complete ({result.step} steps)")
+    if result.evaluations:
+        from .evaluate import format_report
+
+        print(format_report(result.evaluations[-1], builtin=data is None))
+    print(f"metrics: {os.path.join(out, run_folder.METRICS_NAME)}  checkpoint: "
+          f"{os.path.join(out, run_folder.CKPT_NAME)}")
+    return 0
+
+
+def cmd_eval(args):
+    from .evaluate import evaluate, format_report
+
+    ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.ckpt)
+    test = _test_split(ckpt, model_cfg, train_cfg, tokenizer, args.data)
+    results = evaluate(ckpt.params, model_cfg, test, tokenizer, decode=not args.no_decode)
+    print(f"checkpoint {args.ckpt}: step {ckpt.step}, {model_cfg.experts} experts, "
+          f"{train_cfg.n_test} test pairs")
+    print(format_report(results, builtin="data" not in ckpt.config))
+    if args.json:
+        import json
+
+        try:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump({"step": ckpt.step, **results}, f, indent=2)
+                f.write("\n")
+        except OSError as e:
+            return fail(f"cannot write --json: {os_reason(e)} ({args.json}); "
+                         "the report above was printed")
+    return 0
+
+
+def cmd_caption(args):
+    from .evaluate import generate_captions
+    from .tokenizer import normalize
+
+    ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.ckpt)
+    test = _test_split(ckpt, model_cfg, train_cfg, tokenizer, args.data)
+    refs = [normalize(c) for c in test.captions]          # the form decoded captions have
+    n = min(args.n, len(test))
+    images = test.images[:n].astype(model_cfg.dtype, copy=False)      # (n, R, R, Ch)
+    hyps = generate_captions(ckpt.params, model_cfg, images, tokenizer)
+    for i, (hyp, ref) in enumerate(zip(hyps, refs[:n])):
+        mark = "ok " if hyp == ref else "   "
+        held = " (held-out pair)" if test.heldout is not None and test.heldout[i] else ""
+        print(f"[{i:>3}] {mark} generated: {hyp}\n            reference: {ref}{held}")
+    print(f"exact match {sum(h == r for h, r in zip(hyps, refs)) / n:.3f} "
+          f"on {n} test images")
+    if args.png:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return fail("--png needs matplotlib, which is not installed "
+                         "(from the checkout: pip install -e '.[plot]'; or pip install "
+                         "matplotlib); the captions above were printed")
+        cols = min(4, n)
+        rows = -(-n // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+        for ax in axes.ravel():
+            ax.axis("off")
+        for i, ax in enumerate(axes.ravel()[:n]):
+            ax.imshow(test.images[i], interpolation="nearest")
+            ax.set_title(f"gen: {hyps[i]}\nref: {test.captions[i]}", fontsize=6,
+                         color="black" if hyps[i] == refs[i] else "red")
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=120)
+        plt.close(fig)
+        print(f"saved {args.png}")
+    return 0
+
+
+def cmd_retrieve(args):
+    import numpy as np
+
+    from . import inference
+    from .world import to_ascii
+    from .tokenizer import PAD_ID, UNK_ID, normalize, tokenize
+    from ._checks import shorten
+
+    ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.ckpt)
+    if not args.caption.strip():
+        return fail("the caption must not be empty")
+    try:
+        ids = tokenizer.encode([args.caption], model_cfg.max_text_len)  # (1, T)
+    except ValueError as e:
+        return fail(str(e))
+    unknown = [w for w in tokenize(args.caption) if tokenizer.ids.get(w, UNK_ID) == UNK_ID]
+    if unknown:
+        print(f"note: words not in the vocabulary (read as <unk>): {shorten(' '.join(unknown))}",
+              file=sys.stderr)
+    test = _test_split(ckpt, model_cfg, train_cfg, tokenizer, args.data)
+    images = test.images.astype(model_cfg.dtype, copy=False)           # (B, R, R, Ch)
+    img_emb = inference.encode_images(ckpt.params, model_cfg, images)  # (B, De)
+    txt_emb = inference.encode_texts(ckpt.params, model_cfg, ids, pad_id=PAD_ID)  # (1, De)
+    scores = img_emb @ txt_emb[0]                                       # (B,)
+    order = np.argsort(-scores, kind="stable")[:args.top]              # (top,)
+    print(f"best matches among {len(test)} test images for {args.caption!r} "
+          f"(= marks an image whose own caption is this caption):")
+    query = normalize(args.caption)
+    for rank, i in enumerate(order, 1):
+        mark = "=" if normalize(test.captions[i]) == query else " "
+        print(f"{rank:>3}. {mark} image {i:>4}  score {scores[i]:+.3f}  "
+              f"its caption: {test.captions[i]}")
+    if args.ascii:
+        print(to_ascii(test.images[order[0]].astype(np.float32)))
+    return 0
+
+
+def cmd_plot(args):
+    from . import plot
+
+    try:
+        runs = [plot.load_run(path) for path in args.runs]
+    except (OSError, ValueError) as e:
+        return fail(str(e))
+    print(plot.summary(runs))
+    if not args.png:
+        return 0
+    try:
+        plot.plot_runs(runs, args.png)
+    except ImportError:
+        return fail(f"--png needs matplotlib, which is not installed (from the checkout: "
+                     f"{plot.PLOT_EXTRA}; or pip install matplotlib); the summary above "
+                     f"was printed")
+    print(f"saved {args.png}")
+    return 0
