@@ -4,10 +4,15 @@ tanh form, forward + backward on 1M float32 values, measured side by side in one
     OPENBLAS_NUM_THREADS=1 python benchmarks/gelu.py
 """
 
+import os
+import sys
 import time
 
 import numpy as np
 from scipy.special import erf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)          # this checkout's minivlmoe, installed or not
 
 from minivlmoe.ops import gelu
 

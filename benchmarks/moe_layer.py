@@ -24,6 +24,7 @@ Run with one BLAS thread (the script sets it if unset):
 """
 
 import os
+import sys
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -31,6 +32,9 @@ import argparse  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)          # this checkout's minivlmoe, installed or not
 
 from minivlmoe.ops import ffn  # noqa: E402
 from minivlmoe.moe import aux_losses, dispatch, experts, moe_layer, router  # noqa: E402

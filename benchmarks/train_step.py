@@ -17,6 +17,7 @@ Run with one BLAS thread (the script sets it if unset):
 """
 
 import os
+import sys
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -24,6 +25,9 @@ import argparse  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)          # this checkout's minivlmoe, installed or not
 
 from minivlmoe import model, optim, runs, train
 from minivlmoe.timing import SectionTimer  # noqa: E402

@@ -56,7 +56,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import checkpoint, evaluate, model, optim
-from ._checks import check_int
+from ._checks import check_bool, check_int
 from .data import minibatch_indices
 from .divergence import (ClipMonitor, DivergenceCheck, TrainingDiverged, blew_up, non_finite,
                          short_line)
@@ -273,6 +273,8 @@ def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_a
         raise TypeError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
     if stop_at is not None:
         stop_at = check_int("stop_at", stop_at, 1, train_cfg.steps)
+    resume = check_bool("resume", resume)
+    decode_eval = check_bool("decode_eval", decode_eval)
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (the folder of the run to continue)")
     t_start = time.perf_counter()

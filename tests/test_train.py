@@ -287,6 +287,10 @@ def test_train_rejects_bad_arguments():
         train.train(tcfg, tcfg, None)
     with pytest.raises(ValueError, match="stop_at"):
         train.train(mcfg, tcfg, None, stop_at=tcfg.steps + 1)
+    with pytest.raises(TypeError, match="resume must be a bool"):
+        train.train(mcfg, tcfg, None, resume="no")
+    with pytest.raises(TypeError, match="decode_eval must be a bool"):
+        train.train(mcfg, tcfg, None, decode_eval=1)
 
 
 def test_load_checkpoint_checks_params_against_the_config(tmp_path):

@@ -79,6 +79,9 @@ def test_eval_caption_retrieve_on_a_user_run(user_run, tmp_path, capsys):
     marked = [line for line in text.splitlines() if line[5:6] == "="]
     assert len(marked) == sum(c.lower().strip(".") == "a red square" for c in test.captions)
     assert len(marked) >= 1
+    assert cli.main(["plot", str(out)]) == 0                        # text mode: the summary
+    text = capsys.readouterr().out
+    assert "i2t R@1" in text and "6 steps in history.jsonl (1..6)" in text
 
 
 def test_resume_on_user_data_equals_the_uninterrupted_run(user_run, tmp_path):
