@@ -41,6 +41,27 @@ def readonly(*arrays):
     return arrays[0] if len(arrays) == 1 else arrays
 
 
+def without_time(records):
+    """Metrics records without their wall-clock field (everything else must match)."""
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records]
+
+
+def same_trees(a, b):
+    """Assert two parameter (or optimizer-state) trees are equal bit for bit: the same
+    keys, sparsity patterns, dtypes and bytes."""
+    from minivlmoe.tree import flatten
+
+    fa, fb = flatten(a), flatten(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        x, y = fa[k], fb[k]
+        if hasattr(x, "indptr"):
+            assert np.array_equal(x.indptr, y.indptr) and np.array_equal(x.indices, y.indices)
+            x, y = x.data, y.data
+        x, y = np.asarray(x), np.asarray(y)                 # the step count is an int
+        assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), k
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cwd(tmp_path, monkeypatch):
     """Each test starts in its own empty directory (the test's tmp_path)."""

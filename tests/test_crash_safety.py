@@ -15,29 +15,13 @@ import pytest
 
 from minivlmoe import atomic, checkpoint, run_folder, runs, train
 
+from conftest import same_trees, without_time
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def tiny(steps=8, eval_every=2, **overrides):
     return runs.preset_configs("tiny", steps=steps, eval_every=eval_every, **overrides)
-
-
-def without_time(records):
-    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records]
-
-
-def same_trees(a, b):
-    from minivlmoe.tree import flatten
-
-    fa, fb = flatten(a), flatten(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        x, y = fa[k], fb[k]
-        if hasattr(x, "indptr"):
-            assert np.array_equal(x.indptr, y.indptr) and np.array_equal(x.indices, y.indices)
-            x, y = x.data, y.data
-        x, y = np.asarray(x), np.asarray(y)                 # the step count is an int
-        assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), k
 
 
 @pytest.fixture(scope="module")

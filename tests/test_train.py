@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from minivlmoe import checkpoint, evaluate, metrics, run_checkpoint, run_folder, runs, timing, train
+from minivlmoe import (checkpoint, evaluate, metrics, run_checkpoint, run_folder, runs, timing,
+                       train)
 from minivlmoe.scenes import parse_caption
+
+from conftest import same_trees, without_time
 
 
 def tiny(steps=12, eval_every=6, **overrides):
@@ -20,24 +23,6 @@ def tiny(steps=12, eval_every=6, **overrides):
     dtype = overrides.pop("dtype", None)
     return runs.preset_configs("tiny", experts=experts, dtype=dtype, steps=steps,
                                 eval_every=eval_every, **overrides)
-
-
-def without_time(records):
-    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records]
-
-
-def same_trees(a, b):
-    from minivlmoe.tree import flatten
-
-    fa, fb = flatten(a), flatten(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        x, y = fa[k], fb[k]
-        if hasattr(x, "data") and hasattr(x, "indptr"):
-            assert np.array_equal(x.indptr, y.indptr) and np.array_equal(x.indices, y.indices)
-            x, y = x.data, y.data
-        assert np.asarray(x).dtype == np.asarray(y).dtype, k
-        assert np.array_equal(x, y), k
 
 
 # ----------------------------------------------------------------------------- data order
