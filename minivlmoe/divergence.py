@@ -24,9 +24,10 @@ measured on normal runs is 3.2 (tiny, 1000 steps, overfitting to a loss of 0.25)
 1.3 (default, 300 steps), so the factor 10 leaves a margin of 3.  ``--lr 10`` on tiny
 breaks it at step 3 (353 > 10 x 6.80), ``--lr 100`` at step 2.  The reference starts
 again after a resume.  Nothing of a step that breaks the rule is logged or saved, so
-the checkpoint on disk is the one of the last evaluation before it.  (That checkpoint's own loss is only measured by the next step:
-when the divergence starts with the very update before an evaluation, only its test
-figures, which must be finite, vouch for it.)
+the checkpoint on disk is the one of the last evaluation before it.  (That checkpoint's
+own loss is only measured by the next step: when the divergence starts with the very
+update before an evaluation, only its test figures, which must be finite, vouch for
+it.)
 
 Gradients are clipped on *every* step of a normal run (norms 2 to 90 against
 ``max_grad_norm = 1``; with AdamW, which divides by the gradients' running RMS, a

@@ -129,7 +129,8 @@ def preset_configs(name="default", *, experts=None, dtype=None, data=None, patch
     preset's).  Overriding ``steps`` alone caps the warmup at a fifth of the steps.
     The text length and the vocabulary follow from the world (``max_objects``) and the
     tokenizer.  With ``data`` (a :class:`minivlmoe.userdata.UserData` or a (train, test)
-    pair of datasets) they follow from the data instead (:func:`fit_to_data`; ``patch`` overrides the patch size).
+    pair of datasets) they follow from the data instead (:func:`fit_to_data`; ``patch``
+    overrides the patch size).
     """
     check_choice("preset", name, PRESETS)
     model_kw, train_kw = PRESETS[name]
