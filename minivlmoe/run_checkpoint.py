@@ -3,8 +3,9 @@
 :func:`minivlmoe.checkpoint.load` verifies the file (manifest, shapes, dtypes, checksums);
 :func:`load_checkpoint` also parses the run's config
 (:func:`minivlmoe.runs.parse_run_config`) and checks the checkpoint against a freshly
-initialized model of that config: the same keys, kinds, shapes and dtypes (:func:`_check_like`), finite values and non-negative
-second moments (:func:`_check_finite`), a ``log_logit_scale`` within reach of training
+initialized model of that config: the same keys, kinds, shapes and dtypes
+(:func:`_check_like`), finite values and non-negative second moments
+(:func:`_check_finite`), a ``log_logit_scale`` within reach of training
 (:func:`_adam_reach`, :func:`_check_logit_scale`) and a well-formed training state
 (:func:`_check_training_state`).  Every problem is one
 :class:`minivlmoe.checkpoint.CheckpointError` line naming the file and the value.
