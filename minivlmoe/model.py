@@ -204,16 +204,22 @@ class ModelConfig:
                           "entropy_global")})
 
     def to_dict(self):
-        """A JSON-able dict of every field."""
-        return dataclasses.asdict(self)
+        """A JSON-able dict of every field but ``task_blind_top1``, which is implied:
+        it is True exactly when top_k is 1 and renormalize is True (the only configs
+        that may set it), so a run with it writes the same dict a run saved before the
+        flag existed did, and both load (and resume) alike."""
+        d = dataclasses.asdict(self)
+        del d["task_blind_top1"]
+        return d
 
     @classmethod
     def from_dict(cls, d):
         """Inverse of :meth:`to_dict`; unknown keys are an error.
 
-        A dict without ``task_blind_top1`` (a run saved before the "auto" gate default)
-        that has top_k 1 and renormalize true gets ``task_blind_top1=True``: it was
-        trained with task-blind top-1 gates and loads as it was trained.
+        A dict without ``task_blind_top1`` that has top_k 1 and renormalize true (a run
+        of the task-blind opt-in, or one saved before renormalize="auto" was the
+        default, when every preset was top-1 renormalized) gets
+        ``task_blind_top1=True``: it loads as it was trained.
         """
         if not isinstance(d, dict):
             raise TypeError(f"d must be a dict, got {type(d).__name__}")
@@ -223,7 +229,7 @@ class ModelConfig:
             raise ValueError(f"d has unknown ModelConfig fields {unknown}; known: {sorted(known)}")
         if ("task_blind_top1" not in d and d.get("renormalize") is True
                 and d.get("top_k", 1) == 1):
-            d = {**d, "task_blind_top1": True}      # the old default: top-1 renormalized
+            d = {**d, "task_blind_top1": True}      # implied (to_dict leaves it out)
         return cls(**d)
 
 
