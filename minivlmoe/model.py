@@ -88,7 +88,16 @@ class ModelConfig:
         auxiliary MoE losses (minivlmoe/moe/aux_losses.py).
     min_experts : LIMoE's global-entropy threshold log(min(min_experts, E)).
     router_noise : std of the router noise in training (0 = none).
-    bpr : Batch Priority Routing.   renormalize : renormalize the top-k gates.
+    bpr : Batch Priority Routing.
+    renormalize : "auto" (default), True or False: renormalize the top-k gates.  "auto"
+        is raw probabilities for top_k = 1 (Switch, V-MoE) and renormalized for
+        top_k >= 2 (GShard, Mixtral); stored as given, resolved by
+        :func:`minivlmoe.moe.moe_layer.resolve_renormalize`.  top_k = 1 with True is
+        refused: every gate would be p/p = 1 and the router get no task gradient.
+    task_blind_top1 : opt in to top_k = 1 with renormalize=True anyway (hash-like routing
+        trained by the auxiliary losses alone, kept for comparison).  :meth:`from_dict`
+        sets it for a run saved before the flag existed with top_k 1 and renormalize
+        true, so such a run loads as it was trained.
     caption_weight, contrastive_weight : weights of the two objectives (>= 0, not both 0).
     dtype : "float32" or "float64".
     """
@@ -119,7 +128,8 @@ class ModelConfig:
     min_experts: int = 2
     router_noise: float = 0.0
     bpr: bool = False
-    renormalize: bool = True
+    renormalize: bool | str = "auto"
+    task_blind_top1: bool = False
     caption_weight: float = 1.0
     contrastive_weight: float = 1.0
     dtype: str = "float32"
@@ -149,8 +159,12 @@ class ModelConfig:
         if self.caption_weight == 0 and self.contrastive_weight == 0:
             raise ValueError("caption_weight and contrastive_weight must not both be 0, "
                              "got 0 and 0")
-        for name in ("bpr", "renormalize"):
-            check_bool(name, getattr(self, name))
+        check_bool("bpr", self.bpr)
+        if not isinstance(self.renormalize, str):
+            object.__setattr__(self, "renormalize", check_bool("renormalize", self.renormalize))
+        object.__setattr__(self, "task_blind_top1",
+                           check_bool("task_blind_top1", self.task_blind_top1))
+        moe_layer.resolve_renormalize(self.renormalize, self.top_k, self.task_blind_top1)
         check_choice("dtype", self.dtype, {"float32", "float64"})
 
     # derived sizes
@@ -181,7 +195,8 @@ class ModelConfig:
         """The :class:`minivlmoe.moe.moe_layer.MoEConfig` shared by every MoE layer."""
         return moe_layer.MoEConfig(
             num_experts=self.num_experts, k=self.top_k, capacity_factor=self.capacity_factor,
-            renormalize=bool(self.renormalize), bpr=bool(self.bpr), noise_std=self.router_noise,
+            renormalize=self.renormalize, task_blind_top1=self.task_blind_top1,
+            bpr=bool(self.bpr), noise_std=self.router_noise,
             mode="modality" if self.experts == "modality" else "shared",
             min_experts=self.min_experts,
             aux_weights={name: getattr(self, name) for name in
@@ -189,18 +204,32 @@ class ModelConfig:
                           "entropy_global")})
 
     def to_dict(self):
-        """A JSON-able dict of every field."""
-        return dataclasses.asdict(self)
+        """A JSON-able dict of every field but ``task_blind_top1``, which is implied:
+        it is True exactly when top_k is 1 and renormalize is True (the only configs
+        that may set it), so a run with it writes the same dict a run saved before the
+        flag existed did, and both load (and resume) alike."""
+        d = dataclasses.asdict(self)
+        del d["task_blind_top1"]
+        return d
 
     @classmethod
     def from_dict(cls, d):
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        """Inverse of :meth:`to_dict`; unknown keys are an error.
+
+        A dict without ``task_blind_top1`` that has top_k 1 and renormalize true (a run
+        of the task-blind opt-in, or one saved before renormalize="auto" was the
+        default, when every preset was top-1 renormalized) gets
+        ``task_blind_top1=True``: it loads as it was trained.
+        """
         if not isinstance(d, dict):
             raise TypeError(f"d must be a dict, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"d has unknown ModelConfig fields {unknown}; known: {sorted(known)}")
+        if ("task_blind_top1" not in d and d.get("renormalize") is True
+                and d.get("top_k", 1) == 1):
+            d = {**d, "task_blind_top1": True}      # implied (to_dict leaves it out)
         return cls(**d)
 
 

@@ -86,7 +86,7 @@ CASES = {
                              "cannot write --json: No such file or directory "
                              "(/proc/x/o.json)"),
     "lr-10": (lambda tmp, run: [*TINY, "--lr", "10", "--out", str(tmp / "r")],
-              "training diverged at step 3: total loss 353.3 > 10 x 6.801"),
+              "training diverged at step 2: total loss 90.59 > 10 x 6.753"),
     "lr-100": (lambda tmp, run: [*TINY, "--steps", "8", "--lr", "100",
                                  "--out", str(tmp / "r")],
                "training diverged at step 2: total loss"),
@@ -124,23 +124,23 @@ def test_eval_json_failure_comes_after_the_report(run_dir, capsys):
 
 
 def test_divergence_keeps_the_last_checkpoint_and_logs_nothing_of_it(tmp_path, capsys):
-    # eval (and checkpoint) at step 1 and 2: step 3 breaks the rule (353 > 10 x 6.8)
+    # eval (and checkpoint) at step 1: step 2 breaks the rule (90.6 > 10 x 6.75)
     out = tmp_path / "r"
     assert cli.main([*TINY, "--eval-every", "1", "--lr", "10",
                      "--out", str(out)]) == 1
     line = _one_error_line(capsys)
-    assert "at step 3" in line and f"the checkpoint of step 2 is kept: {out / 'ckpt.npz'}" \
+    assert "at step 2" in line and f"the checkpoint of step 1 is kept: {out / 'ckpt.npz'}" \
         in line
-    assert [r["step"] for r in run_folder.read_metrics(out)] == [1, 2]
+    assert [r["step"] for r in run_folder.read_metrics(out)] == [1]
     ckpt, _, _, _ = run_checkpoint.load_checkpoint(out / "ckpt.npz")
-    assert ckpt.step == 2
+    assert ckpt.step == 1
 
 
 def test_training_diverged_carries_the_step_and_loss():
     mcfg, tcfg = runs.preset_configs("tiny", lr=10.0)
-    with pytest.raises(divergence.TrainingDiverged, match="at step 3") as e:
+    with pytest.raises(divergence.TrainingDiverged, match="at step 2") as e:
         train.train(mcfg, tcfg, None, progress=None)
-    assert e.value.step == 3 and e.value.loss > 10 * 6.8 and e.value.checkpoint is None
+    assert e.value.step == 2 and e.value.loss > 10 * 6.75 and e.value.checkpoint is None
 
 
 def test_a_normal_tiny_run_does_not_trigger_the_rule():

@@ -326,7 +326,7 @@ def b_moe_layer(rng, a, b):
 
 
 def b_moe_config(rng, a, b):
-    return dict(num_experts=b + 1, k=1, capacity_factor=1.25, renormalize=True, bpr=False,
+    return dict(num_experts=b + 1, k=1, capacity_factor=1.25, renormalize=False, bpr=False,
                 noise_std=0.0, mode="shared", min_experts=2,
                 aux_weights={"load_balance": 0.01})
 
@@ -393,7 +393,7 @@ def b_greedy(rng, a, b):
 def b_model_config(rng, a, b):
     return dict(image_size=4, patch=2, channels=2, vocab_size=7, max_text_len=5, width=8,
                 heads=2, layers=2, experts="shared", num_experts=2, top_k=1, bpr=False,
-                renormalize=True, capacity_factor=1.25, density=1.0, dtype="float64")
+                renormalize=False, capacity_factor=1.25, density=1.0, dtype="float64")
 
 
 def b_dataset(rng, a, b):

@@ -1,6 +1,7 @@
 """Tests of the whole vision-language MoE model: minivlmoe/model.py and the sequence,
 tower and inference modules it is built from."""
 
+import dataclasses
 import json
 import math
 
@@ -10,9 +11,12 @@ import scipy.sparse as sp
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from minivlmoe import inference, model, optim, sequence, tower
-from minivlmoe.gradcheck import assert_gradients
-from minivlmoe.testing.model import directional_case, tiny_batch, tiny_config, tiny_params
+from minivlmoe import (cli, inference, model, optim, run_folder, runs, sequence, testing, tower,
+                       train)
+from minivlmoe.gradcheck import assert_gradients, check_case
+from minivlmoe.moe import moe_layer, router
+from minivlmoe.testing.model import (NO_AUX, ROUTER_TASK, directional_case, router_task_case_name,
+                                     tiny_batch, tiny_config, tiny_params)
 from minivlmoe.tree import flatten, unflatten, with_values
 
 MODES = model.EXPERT_MODES
@@ -526,3 +530,112 @@ def test_bad_batch_inputs():
     with pytest.raises(ValueError, match="max_len"):
         inference.greedy_decode(params, cfg, images, bos_id=BOS, eos_id=EOS, pad_id=PAD,
                                 max_len=cfg.max_text_len + 1)
+
+
+# ----------------------------------------------------------------------------- gates
+
+def test_gate_default_is_raw_for_top1_and_renormalized_for_topk():
+    for top_k, want in ((1, False), (2, True), (4, True)):
+        cfg = model.ModelConfig(vocab_size=21, max_text_len=6, num_experts=4, top_k=top_k)
+        assert cfg.renormalize == "auto" and cfg.moe_config().renormalize is want
+        assert moe_layer.MoEConfig(num_experts=4, k=top_k).renormalize is want
+    assert runs.preset_configs("default")[0].moe_config().renormalize is False
+
+
+def test_top1_renormalized_is_refused_unless_opted_in():
+    with pytest.raises(ValueError, match="router would get no gradient from the task loss"):
+        model.ModelConfig(vocab_size=21, max_text_len=6, top_k=1, renormalize=True)
+    with pytest.raises(ValueError, match="task_blind_top1=True"):
+        moe_layer.MoEConfig(num_experts=3, k=1, renormalize=True)
+    cfg = model.ModelConfig(vocab_size=21, max_text_len=6, top_k=1, renormalize=True,
+                            task_blind_top1=True)
+    assert cfg.moe_config().renormalize is True and cfg.moe_config().task_blind_top1
+    with pytest.raises(ValueError, match="applies only to k=1 with renormalize=True, got k=2"):
+        model.ModelConfig(vocab_size=21, max_text_len=6, top_k=2, task_blind_top1=True)
+    with pytest.raises(ValueError, match="renormalize must be 'auto', True or False, got 'yes'"):
+        moe_layer.MoEConfig(num_experts=3, k=2, renormalize="yes")
+    with pytest.raises(TypeError, match="task_blind_top1 must be a bool"):
+        model.ModelConfig(vocab_size=21, max_text_len=6, task_blind_top1=1)
+
+
+def test_config_dict_of_a_task_blind_run_is_the_old_default_and_round_trips():
+    """Before renormalize="auto", every preset saved top_k 1 and renormalize true; such a
+    dict loads with task_blind_top1 set, and the opt-in writes that very dict again."""
+    blind = model.ModelConfig(vocab_size=21, max_text_len=6, renormalize=True,
+                              task_blind_top1=True)
+    d = blind.to_dict()
+    assert "task_blind_top1" not in d and d["renormalize"] is True and d["top_k"] == 1
+    assert model.ModelConfig.from_dict(d) == blind
+    auto = model.ModelConfig(vocab_size=21, max_text_len=6)
+    assert auto.to_dict()["renormalize"] == "auto"
+    assert model.ModelConfig.from_dict(json.loads(json.dumps(auto.to_dict()))) == auto
+    assert not model.ModelConfig.from_dict({**d, "renormalize": False}).task_blind_top1
+
+
+def test_a_run_saved_with_the_old_top1_renormalized_default_loads_and_resumes(tmp_path, capsys):
+    mcfg, tcfg = runs.preset_configs("tiny", steps=4, eval_every=2)
+    mcfg = dataclasses.replace(mcfg, renormalize=True, task_blind_top1=True)
+    out = tmp_path / "old"
+    train.train(mcfg, tcfg, str(out), stop_at=2, progress=None, decode_eval=False)
+    saved = json.loads((out / "config.json").read_text())["model"]
+    assert saved["renormalize"] is True and saved["top_k"] == 1
+    assert "task_blind_top1" not in saved                     # what an old run holds
+    assert cli.main(["eval", str(out), "--no-decode"]) == 0
+    assert cli.main(["caption", str(out), "--n", "2"]) == 0
+    assert cli.main(["retrieve", str(out), "a small red circle", "--top", "2"]) == 0
+    assert cli.main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
+    assert [r["step"] for r in run_folder.read_metrics(out)] == [2, 4]
+
+
+def router_grads(grads):
+    """{path: gradient} of every router weight of a gradient tree."""
+    return {p: g for p, g in flatten(grads).items() if ".router." in p}
+
+
+def router_task_norm(cfg, seed=0, B=4):
+    rng = np.random.default_rng(seed)
+    params = model.init(rng, cfg)
+    images, ids = tiny_batch(rng, cfg, B=B)
+    _, grads, _ = model.loss_and_grads(params, cfg, images, ids, pad_id=PAD)
+    found = router_grads(grads)
+    assert found, "the config has no router"
+    return max(float(np.abs(g.data if sp.issparse(g) else g).max()) for g in found.values())
+
+
+def test_default_preset_router_gets_a_task_gradient_and_old_top1_renormalized_none():
+    """Every auxiliary weight 0: the router's gradient is the task's alone."""
+    cfg = dataclasses.replace(runs.preset_configs("default")[0], **NO_AUX)
+    assert cfg.top_k == 1
+    assert router_task_norm(cfg) > 1e-6
+    blind = dataclasses.replace(cfg, renormalize=True, task_blind_top1=True)
+    assert router_task_norm(blind) == 0.0                      # the gate p/p = 1
+
+
+@pytest.mark.parametrize("mode, label, overrides", ROUTER_TASK)
+def test_router_task_cases_have_a_nonzero_router_task_gradient(mode, label, overrides):
+    assert router_task_norm(tiny_config(mode, **overrides)) > 1e-4
+
+
+def _zero_gate_gradient(orig):
+    def backward(dgates, cache, *args, **kwargs):              # the gate treated as constant
+        return orig(np.zeros_like(dgates), cache, *args, **kwargs)
+    return backward
+
+
+def _constant_renormalizer(orig):
+    def backward(dgates, cache, *args, **kwargs):              # drops the sum_i dg g term
+        return orig(dgates, cache._replace(gates=np.zeros_like(cache.gates)), *args, **kwargs)
+    return backward
+
+
+@pytest.mark.parametrize("mode, label, breaker", [
+    (ROUTER_TASK[0][0], ROUTER_TASK[0][1], _constant_renormalizer),
+    (ROUTER_TASK[1][0], ROUTER_TASK[1][1], _zero_gate_gradient)])
+def test_router_task_gradcheck_rows_pass_and_catch_a_wrong_router_backward(
+        mode, label, breaker, monkeypatch):
+    name = router_task_case_name(mode, label)
+    case, = [c for c in testing.all_cases(np.random.default_rng(3)) if c.op == name]
+    assert all(row.passed for row in check_case(case, np.random.default_rng(1)))
+    monkeypatch.setattr(router, "backward", breaker(router.backward))
+    rows = {row.argument: row for row in check_case(case, np.random.default_rng(1))}
+    assert not rows["c.blocks/0"].passed                       # the router's block

@@ -56,7 +56,8 @@ def test_gradients_every_option(k, renormalize, drops, bpr, mode):
     E * ceil(0.5 K N / E) < K N.  Router noise is on (train=True)."""
     rng = np.random.default_rng(GRID.index((k, renormalize, drops, bpr, mode)))
     config = moe_layer.MoEConfig(num_experts=3, k=k, capacity_factor=0.5 if drops else None,
-                           renormalize=renormalize, bpr=bpr, mode=mode, min_experts=3,
+                           renormalize=renormalize, task_blind_top1=k == 1 and renormalize,
+                           bpr=bpr, mode=mode, min_experts=3,
                            aux_weights=ALL_AUX, noise_std=0.2)
     x, params = separated_inputs(rng, config, N, 3, 2, ALTERNATING, noise_seed=1)
     y, aux, _ = moe_layer.forward(x, params, config, ALTERNATING, rng=np.random.default_rng(1),
@@ -74,9 +75,11 @@ def layer_setup(draw):
     rng = np.random.default_rng(draw(SEEDS))
     e = draw(st.integers(1, 4))
     mode = draw(st.sampled_from(["shared", "modality"]))
-    config = moe_layer.MoEConfig(num_experts=e, k=draw(st.integers(1, e)),
+    k, renormalize = draw(st.integers(1, e)), draw(st.booleans())
+    config = moe_layer.MoEConfig(num_experts=e, k=k,
                            capacity_factor=draw(st.sampled_from([None, 0.5, 1.0, 1.5])),
-                           renormalize=draw(st.booleans()), bpr=draw(st.booleans()),
+                           renormalize=renormalize, task_blind_top1=k == 1 and renormalize,
+                           bpr=draw(st.booleans()),
                            mode=mode, min_experts=draw(st.integers(1, e)),
                            aux_weights=draw(st.sampled_from([ALL_AUX, NO_AUX])))
     n = draw(st.integers(1, 7))
@@ -239,8 +242,9 @@ def test_bpr_changes_only_which_tokens_are_dropped(setup):
 @given(seed=SEEDS, e=st.integers(1, 4), n=st.integers(1, 6))
 def test_k_equal_e_dropless_is_the_dense_softmax_mixture(seed, e, n):
     rng = np.random.default_rng(seed)
+    renormalize = bool(rng.integers(2))
     config = moe_layer.MoEConfig(num_experts=e, k=e, capacity_factor=None,
-                           renormalize=bool(rng.integers(2)))
+                           renormalize=renormalize, task_blind_top1=e == 1 and renormalize)
     params = moe_layer.init(rng, 3, 4, config, dtype=np.float64)
     x = rng.standard_normal((n, 3))
     y, _, _ = moe_layer.forward(x, params, config)

@@ -34,7 +34,10 @@ extra upstreams ``dp`` (N, E) (auxiliary losses on ``p``) and ``dlogits`` (N, E)
 
 The renormalizer ``s`` depends on the chosen probabilities, so it must be
 differentiated (the ``sum_i dg g`` term); treating it as a constant gives a wrong
-router gradient.  The choice ``top`` is piecewise constant and has no gradient.
+router gradient.  With renormalized gates ``sum_j pick_j dpick_j = 0``, so unchosen
+experts get no logit gradient from the gates (raw gates give them
+``-p[n, e] sum_j g dg``), and with K = 1 no logit gets any (g = 1).  The choice ``top``
+is piecewise constant and has no gradient.
 """
 
 from __future__ import annotations
@@ -134,7 +137,10 @@ def forward(x, params, k, renormalize=True, noise=None):
     params : {"W": csr_array (E, D), "b": (E,)}, same dtype as ``x``.
     k : int in [1, E], experts per token.
     renormalize : bool, gates renormalized over the K chosen experts (GShard top-2,
-        Mixtral) or raw softmax probabilities (Switch, V-MoE).
+        Mixtral) or raw softmax probabilities (Switch, V-MoE).  The op takes any
+        combination; the layer's config decides (``MoEConfig(renormalize="auto")``:
+        raw for k = 1, renormalized for k >= 2).  With k = 1 and True every gate is 1
+        and the backward sends the router no gradient through the gates.
     noise : (N, E) array of x's dtype added to the logits (training only), or None.
 
     Returns

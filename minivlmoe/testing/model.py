@@ -4,7 +4,9 @@
   well-conditioned parameters and a random batch;
 * :func:`directional_case` -- a GradcheckCase checking one random directional derivative
   per parameter leaf (:func:`directional_leaves` names the coefficients);
-* :func:`gradcheck_cases` -- one case per expert mode, for ``minivlmoe gradcheck``.
+* :func:`gradcheck_cases` -- one case per expert mode, then the :data:`ROUTER_TASK`
+  cases (auxiliary losses off, so the router's gradient is the task's alone), for
+  ``minivlmoe gradcheck``.
 """
 
 from __future__ import annotations
@@ -17,8 +19,20 @@ from ..gradcheck import GradcheckCase
 from ..tree import flatten, unflatten, with_values
 
 
+# every auxiliary-loss weight at 0: the router then learns from the task loss alone
+NO_AUX = dict(load_balance=0.0, z_loss=0.0, importance=0.0, entropy_local=0.0,
+              entropy_global=0.0)
+# (expert mode, label, tiny_config overrides) of the whole-model cases whose router
+# gradient is the task's alone and non-zero: top-2 renormalized over 3 experts (with
+# k = E the renormalizer would be 1 and its term vanish) and top-1 raw.  Top-1
+# renormalized (task_blind_top1) would give the router exactly zero task gradient.
+ROUTER_TASK = (("shared", "k=2 renorm", dict(num_experts=3, top_k=2, **NO_AUX)),
+               ("modality", "k=1 raw", dict(top_k=1, renormalize=False, **NO_AUX)))
+
+
 def tiny_config(experts="shared", **overrides):
-    """A tiny float64 config for gradient checks (width 8, 2 layers, 2 experts, dropless)."""
+    """A tiny float64 config for gradient checks (width 8, 2 layers, 2 experts, dropless,
+    top-1 with the default gates: raw, so the router gets a task gradient)."""
     base = dict(image_size=4, patch=2, channels=2, vocab_size=7, max_text_len=5, width=8,
                 heads=2, layers=2, mlp_hidden=6, experts=experts, num_experts=2, top_k=1,
                 capacity_factor=None, moe_every=1, fusion_layers=1, density=1.0,
@@ -133,13 +147,22 @@ def directional_case(name, params, cfg, images, ids, *, pad_id, keys=None, rng):
     return GradcheckCase(name, {"c": coeffs}, fwd, bwd, h=1e-5)
 
 
+def router_task_case_name(mode, label):
+    """The gradcheck op name of a :data:`ROUTER_TASK` case."""
+    return f"model(experts={mode}, {label}, no aux)"
+
+
 def gradcheck_cases(rng):
-    """One tiny float64 whole-model case per expert mode (both objectives on)."""
+    """Tiny float64 whole-model cases (both objectives on): one per expert mode (top-1
+    raw gates, every auxiliary loss on), then one per :data:`ROUTER_TASK` setting."""
+    settings = [(f"model(experts={mode})", mode, {}) for mode in model.EXPERT_MODES]
+    settings += [(router_task_case_name(mode, label), mode, overrides)
+                 for mode, label, overrides in ROUTER_TASK]
     cases = []
-    for mode in model.EXPERT_MODES:
-        cfg = tiny_config(mode)
+    for name, mode, overrides in settings:
+        cfg = tiny_config(mode, **overrides)
         params = tiny_params(rng, cfg)
         images, ids = tiny_batch(rng, cfg)
-        cases.append(directional_case(f"model(experts={mode})", params, cfg, images, ids,
+        cases.append(directional_case(name, params, cfg, images, ids,
                                       pad_id=0, keys=np.array([0, 1, 0]), rng=rng))
     return cases
