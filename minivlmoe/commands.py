@@ -1,4 +1,4 @@
-"""The subcommands of the command line: train, eval, caption, retrieve, plot, gradcheck.
+"""The subcommands of the command line: train, eval, caption, retrieve, plot, routes, gradcheck.
 
 Each ``cmd_<name>(args)`` takes the parsed arguments of :func:`minivlmoe.cli.build_parser`
 and returns the exit status; an expected failure is one line

@@ -88,7 +88,7 @@ def patch_map(expert, kept, layout, b, grid):
     patches in row-major order (minivlmoe/ops/patch_embed.py), the class token left out."""
     start = b * layout.length + 1                                      # patch 0 of image b
     flat = slice(start, start + grid * grid)
-    return expert[flat].reshape(grid, grid), kept[flat].reshape(grid, grid)  # (g, g) x2
+    return expert[flat].reshape(grid, grid), kept[flat].reshape(grid, grid)  # (grid, grid) x2
 
 
 def caption_routes(expert, kept, layout, ids, b, tokenizer):
@@ -171,8 +171,8 @@ def format_curves(metrics, num_experts):
 def render_png(path, *, counts, maps, metrics, images, num_experts, layer, dpi=110):
     """Heatmaps, patch maps with coloured caption words, and the curves, in one PNG.
 
-    ``counts``: {(layer, pool): PoolCounts}; ``maps``: list of (image index, (g, g)
-    experts, (g, g) kept, [(word, expert, kept)], reference caption); ``images``: the
+    ``counts``: {(layer, pool): PoolCounts}; ``maps``: list of (image index, (grid, grid)
+    experts, (grid, grid) kept, [(word, expert, kept)], reference caption); ``images``: the
     test images (B, R, R, Ch) in [0, 1]; ``metrics``: metrics.jsonl records.  Raises
     ImportError without matplotlib.
     """
@@ -262,7 +262,7 @@ def report(params, cfg, test, tokenizer, metrics, *, layer=None, n=4, batch=256,
     -------
     dict with "lines" (the text output), "counts" {(layer, pool): PoolCounts}, "maps"
     (render_png's list), "stats" (the model's statistics of the same forward), "layer"
-    (the chosen "blocks.i") and "decisions".
+    (the chosen "blocks.i"), "decisions", "layout" (sequence.Layout) and "images".
     """
     from . import inference
     from .evaluate import caption_keys
@@ -307,5 +307,5 @@ def report(params, cfg, test, tokenizer, metrics, *, layer=None, n=4, batch=256,
                                          for w, x, k in words))
         maps.append((b, pm, pk, words, test.captions[b]))
     lines += [""] + format_curves(metrics, e)
-    return {"lines": lines, "counts": counts, "maps": maps, "stats": stats,
-            "layer": chosen, "decisions": decisions, "images": test.images[:count]}
+    return {"lines": lines, "counts": counts, "maps": maps, "stats": stats, "layer": chosen,
+            "decisions": decisions, "layout": layout, "images": test.images[:count]}
