@@ -9,6 +9,8 @@ eval        evaluate a checkpoint on its run's test split.
 caption     greedy captions of test images, next to the reference captions.
 retrieve    the test images that best match a caption.
 plot        the training losses and evaluations of run folders (text, or a PNG).
+routes      where a run's MoE layers send its test tokens (tables, maps, curves).
+
 
 This module is the parser, :func:`main` and the error handling; the subcommands are in
 :mod:`minivlmoe.commands` (imported by :func:`build_parser`, after the threads are set).
@@ -198,6 +200,22 @@ def build_parser():
     p.add_argument("--png", metavar="FILE",
                    help="save the figure as a PNG (needs matplotlib: pip install -e '.[plot]')")
     p.set_defaults(func=commands.cmd_plot)
+
+    p = sub.add_parser("routes", help="where a run's MoE layers send its test tokens",
+                       description="Per MoE layer and pool, the token counts by expert and "
+                       "kind (image, caption, retrieval text) and the dropped fraction; "
+                       "patch and word maps of a few test images; router entropy and "
+                       "load balance over training.")
+    p.add_argument("run", metavar="RUN", help="a run folder (DIR of train --out)")
+    p.add_argument("--n", type=_positive_int, default=4, help="test images with maps (4)")
+    p.add_argument("--layer", type=_int_at_least(0), default=None,
+                   help="block index of the MoE layer of the maps (the first MoE layer)")
+    p.add_argument("--batch", type=_positive_int, default=256,
+                   help="test pairs routed together, as in an evaluation (256)")
+    p.add_argument("--png", metavar="FILE",
+                   help="save heatmaps, maps and curves (needs matplotlib)")
+    _data_option(p)
+    p.set_defaults(func=commands.cmd_routes)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""The subcommands of the command line: train, eval, caption, retrieve, plot, gradcheck.
+"""The subcommands of the command line: train, eval, caption, retrieve, plot, routes, gradcheck.
 
 Each ``cmd_<name>(args)`` takes the parsed arguments of :func:`minivlmoe.cli.build_parser`
 and returns the exit status; an expected failure is one line
@@ -13,6 +13,7 @@ the library inside itself, so nothing here loads NumPy at import time.
 * ``cmd_eval``, ``cmd_caption``, ``cmd_retrieve`` -- a checkpoint or run folder
   (:func:`_load_run`) on its run's test split (:func:`_test_split`).
 * ``cmd_plot`` -- the summary (and PNG) of run folders.
+* ``cmd_routes`` -- where a run's MoE layers send its test tokens (minivlmoe/routes.py).
 """
 
 from __future__ import annotations
@@ -302,4 +303,40 @@ def cmd_plot(args):
                      f"{plot.PLOT_EXTRA}; or pip install matplotlib); the summary above "
                      f"was printed")
     print(f"saved {args.png}")
+    return 0
+
+
+def cmd_routes(args):
+    """Routing tables, patch maps and router curves of a run (minivlmoe/routes.py)."""
+    from . import routes, run_folder
+    from .tokenizer import PAD_ID
+
+    if not os.path.isdir(args.run):
+        return fail(f"run folder not found ({args.run})")
+    ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.run)
+    if "moe" not in [kind for kind, _ in model_cfg.layer_kinds()]:
+        return fail(f"{args.run} has no MoE layer (experts={model_cfg.experts!r}): "
+                    f"nothing is routed")
+    try:
+        metrics = run_folder.read_metrics(args.run)
+    except ValueError as e:
+        return fail(f"unreadable {run_folder.METRICS_NAME}: {e} ({args.run})")
+    test = _test_split(ckpt, model_cfg, train_cfg, tokenizer, args.data)
+    try:
+        out = routes.report(ckpt.params, model_cfg, test, tokenizer, metrics, layer=args.layer,
+                            n=args.n, batch=args.batch, pad_id=PAD_ID)
+    except ValueError as e:                     # --layer that is not a MoE layer
+        return fail(str(e))
+    print(f"run {args.run}: step {ckpt.step}")
+    print("\n".join(out["lines"]))
+    if args.png:
+        try:
+            routes.render_png(args.png, counts=out["counts"], maps=out["maps"],
+                              metrics=metrics, images=out["images"],
+                              num_experts=model_cfg.num_experts, layer=out["layer"])
+        except ImportError:
+            return fail("--png needs matplotlib, which is not installed (from the checkout: "
+                        "pip install -e '.[plot]'; or pip install matplotlib); the tables "
+                        "above were printed")
+        print(f"saved {args.png}")
     return 0

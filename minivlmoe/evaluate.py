@@ -27,7 +27,9 @@ What is measured (definitions of the metrics themselves: minivlmoe/metrics.py)
 * **losses and experts** -- the training losses on one batch of test pairs (eval
   mode: no router noise) and the model's expert statistics from that forward pass:
   per MoE layer and per expert pool, the fraction of each modality's tokens sent to
-  each expert and the dropped-token fraction.
+  each expert and the dropped-token fraction; and ``router_entropy``, the mean entropy
+  of the router's probabilities per MoE layer and pool (how sure the routers are;
+  ``minivlmoe routes`` plots it over training).
 
 Everything is batched (the embeddings and the captions by minivlmoe/inference.py);
 nothing loops over test items in Python except string work (decoding ids to words).
@@ -124,10 +126,17 @@ def captioning(hyps, refs, heldout=None):
 
 
 def losses_and_experts(params, cfg, images, ids, keys):
-    """Losses on one batch of test pairs in eval mode, and the expert statistics."""
-    losses, stats, _ = model.forward(params, cfg, images, ids, pad_id=PAD_ID, keys=keys,
-                                     rng=None, train=False)
+    """Losses on one batch of test pairs in eval mode, the expert statistics, and the
+    mean router entropy per MoE layer and pool (``router_entropy``, nats; read from the
+    same forward's caches, no MoE layer: an empty dict)."""
+    losses, stats, cache = model.forward(params, cfg, images, ids, pad_id=PAD_ID, keys=keys,
+                                         rng=None, train=False)
     out = {f"test_{k}": float(v) for k, v in losses.items()}
+    decisions = inference.routing_decisions(cache.tower, cfg.top_k)
+    out["router_entropy"] = {
+        layer: {pool: round(float(r.entropy.mean()), 6) if r.entropy.size else 0.0
+                for pool, r in pools.items()}
+        for layer, pools in decisions.items()}
     return out, stats
 
 
@@ -148,7 +157,8 @@ def evaluate(params, cfg, dataset, tokenizer, *, batch_size=inference.BATCH_SIZE
     -------
     dict with i2t_r1, i2t_r5, t2i_r1, t2i_r5 (and heldout_* variants), zs_color,
     zs_shape, zs_size, caption_exact, bleu4, heldout_caption_exact, test_total and the
-    other test losses, and "experts" (the model's expert statistics, JSON-able).
+    other test losses, "router_entropy" ({layer: {pool: mean entropy}}) and "experts"
+    (the model's expert statistics, JSON-able).
     """
     if not isinstance(dataset, ImageCaptionDataset):
         raise TypeError(f"dataset must be an ImageCaptionDataset, got {type(dataset).__name__}")

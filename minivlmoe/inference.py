@@ -14,6 +14,10 @@ needs (minivlmoe/sequence.py), never on the whole training sequence:
 * :func:`greedy_decode` -- ``[image | ids so far]`` with the prefix-causal block mask,
   re-run at every time step; the argmax of the last position's logits is appended.
 
+* :func:`route` -- one eval-mode forward of the training sequence and the routing
+  decisions of every MoE layer (:func:`routing_decisions`: per token the chosen
+  experts, whether each got a slot, the router entropy), read from the caches.
+
 Because image rows never see text and retrieval rows never see the image, these are
 exactly the embeddings of the training sequence (with dropless routing; see
 tests/test_model.py::test_dual_encoder_equals_separate_towers).
@@ -26,12 +30,14 @@ compete for expert slots, so ``batch_size`` is part of what is computed.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from ._checks import check_int, check_params
 from .model import PARAM_KEYS, check_config
 from .ops import l2norm, patch_embed, sparse_linear, token_embed
-from . import sequence, tower
+from . import model, sequence, tower
 
 BATCH_SIZE = 256
 
@@ -122,3 +128,74 @@ def greedy_decode(params, cfg, images, *, bos_id, eos_id, pad_id, max_len,
         return out
 
     return _batched(decode, images, batch_size)                    # (B, max_len)
+
+
+class PoolRouting(NamedTuple):
+    """The routing decisions of one expert pool of one MoE layer (read from its cache).
+
+    Fields
+    ------
+    tokens : (N_p,) int, flat index ``b*S + s`` of each of the pool's tokens in the
+        (B, S) sequence batch (pad rows are never routed, so never listed).
+    experts : (N_p, K) int, the chosen experts, best first (``experts[:, 0]``: top-1).
+    kept : (N_p, K) bool, the assignment got a capacity slot (False: dropped).
+    entropy : (N_p,) float, the router's entropy ``-sum_e p log p`` per token (nats).
+    """
+
+    tokens: np.ndarray
+    experts: np.ndarray
+    kept: np.ndarray
+    entropy: np.ndarray
+
+
+def routing_decisions(tower_cache, k):
+    """Per MoE layer and pool, the :class:`PoolRouting` a tower forward decided.
+
+    Nothing is recomputed: the experts and kept flags are the dispatch plan's, the
+    entropy comes from the router's softmax, all read from the cache of
+    :func:`minivlmoe.tower.forward` (``k``: experts per token, for an idle pool's shape).
+
+    Returns
+    -------
+    dict "blocks.i" -> {pool name: PoolRouting}, MoE layers only, in layer order.
+    """
+    rows = tower_cache.rows                                        # (U,) or None (all N)
+    out = {}
+    for i, block in enumerate(tower_cache.blocks):
+        if block.kind != "moe":
+            continue
+        pools = {}
+        for name, index, pool, _params in block.mix.pools:         # moe_layer.Cache.pools
+            if pool is None:                                       # the pool got no token
+                pools[name] = PoolRouting(np.zeros(0, np.int64), np.zeros((0, k), np.int64),
+                                          np.zeros((0, k), bool), np.zeros(0))
+                continue
+            u = np.arange(pool.dispatch.plan.kept.shape[0]) if index is None else index  # (N_p,)
+            tokens = u if rows is None else rows[u]                # (N_p,) flat b*S + s
+            p = pool.router.softmax.p.astype(np.float64)           # (N_p, E)
+            entropy = -(p * np.log(np.maximum(p, np.finfo(np.float64).tiny))).sum(axis=1)
+            pools[name] = PoolRouting(tokens=np.asarray(tokens, np.int64),
+                                      experts=pool.dispatch.plan.experts,
+                                      kept=pool.dispatch.plan.kept, entropy=entropy)
+        out[f"blocks.{i}"] = pools
+    return out
+
+
+def route(params, cfg, images, ids, *, pad_id, keys=None):
+    """One eval-mode forward of the training sequence on a batch, and its routing.
+
+    Parameters
+    ----------
+    params, cfg : the model.   images : (B, R, R, Ch).   ids : (B, T) captions.
+    pad_id : the padding id.   keys : (B,) caption keys, or None.
+
+    Returns
+    -------
+    layout : sequence.Layout of the (B, S) sequences (segments: image, caption, retrieval).
+    decisions : :func:`routing_decisions` of that forward.
+    stats : the model's statistics of the same forward (``stats["moe"]``: the MoE
+        layers' own counts, e.g. ``routed`` per pool).
+    """
+    _, stats, cache = model.forward(params, cfg, images, ids, pad_id=pad_id, keys=keys,
+                                    rng=None, train=False)
+    return cache.embed.layout, routing_decisions(cache.tower, cfg.top_k), stats
