@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)          # this checkout's minivlmoe, installed or not
 
 from minivlmoe.ops import ffn  # noqa: E402
-from minivlmoe.moe import aux_losses, dispatch, experts, moe_layer, router  # noqa: E402
+from minivlmoe.moe import aux_losses, dispatch, experts, moe_config, moe_layer, router  # noqa: E402
 
 STAGES = ("router", "aux losses", "plan (capacity, priority)", "dispatch", "experts",
           "combine")
@@ -104,7 +104,7 @@ def main():
     args = parser.parse_args()
 
     n, d, f = args.tokens, args.width, args.hidden
-    config = moe_layer.MoEConfig(num_experts=args.experts, k=args.k,
+    config = moe_config.MoEConfig(num_experts=args.experts, k=args.k,
                            capacity_factor=args.capacity_factor,
                            aux_weights={"load_balance": 0.01, "z_loss": 0.001})
     rng = np.random.default_rng(0)

@@ -51,7 +51,7 @@ import numpy as np
 
 from .ops import (attention, contrastive, cross_entropy, ffn, l2norm, layernorm, patch_embed,
                   sparse_linear, token_embed)
-from .moe import aux_losses, moe_layer
+from .moe import aux_losses, moe_config, moe_layer
 from ._checks import (check_bool, check_cache, check_choice, check_float, check_grad, check_int,
                       check_params)
 from . import sequence, tower
@@ -92,7 +92,7 @@ class ModelConfig:
     renormalize : "auto" (default), True or False: renormalize the top-k gates.  "auto"
         is raw probabilities for top_k = 1 (Switch, V-MoE) and renormalized for
         top_k >= 2 (GShard, Mixtral); stored as given, resolved by
-        :func:`minivlmoe.moe.moe_layer.resolve_renormalize`.  top_k = 1 with True is
+        :func:`minivlmoe.moe.moe_config.resolve_renormalize`.  top_k = 1 with True is
         refused: every gate would be p/p = 1 and the router get no task gradient.
     task_blind_top1 : opt in to top_k = 1 with renormalize=True anyway (hash-like routing
         trained by the auxiliary losses alone, kept for comparison).  :meth:`from_dict`
@@ -164,7 +164,7 @@ class ModelConfig:
             object.__setattr__(self, "renormalize", check_bool("renormalize", self.renormalize))
         object.__setattr__(self, "task_blind_top1",
                            check_bool("task_blind_top1", self.task_blind_top1))
-        moe_layer.resolve_renormalize(self.renormalize, self.top_k, self.task_blind_top1)
+        moe_config.resolve_renormalize(self.renormalize, self.top_k, self.task_blind_top1)
         check_choice("dtype", self.dtype, {"float32", "float64"})
 
     # derived sizes
@@ -192,8 +192,8 @@ class ModelConfig:
         return kinds
 
     def moe_config(self):
-        """The :class:`minivlmoe.moe.moe_layer.MoEConfig` shared by every MoE layer."""
-        return moe_layer.MoEConfig(
+        """The :class:`minivlmoe.moe.moe_config.MoEConfig` shared by every MoE layer."""
+        return moe_config.MoEConfig(
             num_experts=self.num_experts, k=self.top_k, capacity_factor=self.capacity_factor,
             renormalize=self.renormalize, task_blind_top1=self.task_blind_top1,
             bpr=bool(self.bpr), noise_std=self.router_noise,

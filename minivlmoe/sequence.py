@@ -51,7 +51,7 @@ from ._checks import check_array, check_int
 from .ops import patch_embed, token_embed
 from . import tree
 
-IMAGE, TEXT = 0, 1           # modality ids (moe_layer.MODALITIES order)
+IMAGE, TEXT = 0, 1           # modality ids (moe_config.MODALITIES order)
 SEG_IMAGE, SEG_CAPTION, SEG_RETRIEVAL = 0, 1, 2
 
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from minivlmoe import inference, metrics, model, world
 from minivlmoe.data import ImageCaptionDataset, minibatch_indices, to_uint8
-from minivlmoe.moe import aux_losses, dispatch, experts, moe_layer, router
+from minivlmoe.moe import aux_losses, dispatch, experts, moe_config, moe_layer, router
 from minivlmoe.ops import (attention, contrastive, cross_entropy, ffn, gelu, l2norm,
                            layernorm, patch_embed, softmax, sparse_linear, token_embed)
 from minivlmoe.testing.model import tiny_batch, tiny_config, tiny_params
@@ -314,7 +314,7 @@ def b_top_k_indicator(rng, a, b):
 
 
 def _moe_config(mode="shared"):
-    return moe_layer.MoEConfig(num_experts=2, k=1, capacity_factor=None, noise_std=0.1,
+    return moe_config.MoEConfig(num_experts=2, k=1, capacity_factor=None, noise_std=0.1,
                                mode=mode)
 
 
@@ -567,7 +567,7 @@ TABLE = [
      ("probs", "tau")),
     ("moe_layer.forward", moe_layer.forward, b_moe_layer,
      ("x", "params", "config", "modality", "rng", "train")),
-    ("moe_layer.MoEConfig", moe_layer.MoEConfig, b_moe_config,
+    ("moe_config.MoEConfig", moe_config.MoEConfig, b_moe_config,
      ("num_experts", "k", "capacity_factor", "renormalize", "bpr", "noise_std", "mode",
       "min_experts", "aux_weights")),
     ("moe_layer.init", moe_layer.init, b_init_moe,
@@ -812,7 +812,7 @@ def test_layernorm_params_none_names_the_argument(rng):
 
 def test_long_values_are_shortened_in_messages():
     long = "word " * 20000
-    for call in (lambda: _TOK.encode([long], 8), lambda: moe_layer.MoEConfig(2, mode=long),
+    for call in (lambda: _TOK.encode([long], 8), lambda: moe_config.MoEConfig(2, mode=long),
                  lambda: metrics.retrieval_recall(np.eye(2), [0, 1], [0, 1], ks=[long])):
         with pytest.raises(ValueError) as info:
             call()

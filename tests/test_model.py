@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from minivlmoe import (cli, inference, model, optim, run_folder, runs, sequence, testing, tower,
                        train)
 from minivlmoe.gradcheck import assert_gradients, check_case
-from minivlmoe.moe import moe_layer, router
+from minivlmoe.moe import moe_config, moe_layer, router
 from minivlmoe.testing.model import (NO_AUX, ROUTER_TASK, directional_case, router_task_case_name,
                                      tiny_batch, tiny_config, tiny_params)
 from minivlmoe.tree import flatten, unflatten, with_values
@@ -538,7 +538,7 @@ def test_gate_default_is_raw_for_top1_and_renormalized_for_topk():
     for top_k, want in ((1, False), (2, True), (4, True)):
         cfg = model.ModelConfig(vocab_size=21, max_text_len=6, num_experts=4, top_k=top_k)
         assert cfg.renormalize == "auto" and cfg.moe_config().renormalize is want
-        assert moe_layer.MoEConfig(num_experts=4, k=top_k).renormalize is want
+        assert moe_config.MoEConfig(num_experts=4, k=top_k).renormalize is want
     assert runs.preset_configs("default")[0].moe_config().renormalize is False
 
 
@@ -546,14 +546,14 @@ def test_top1_renormalized_is_refused_unless_opted_in():
     with pytest.raises(ValueError, match="router would get no gradient from the task loss"):
         model.ModelConfig(vocab_size=21, max_text_len=6, top_k=1, renormalize=True)
     with pytest.raises(ValueError, match="task_blind_top1=True"):
-        moe_layer.MoEConfig(num_experts=3, k=1, renormalize=True)
+        moe_config.MoEConfig(num_experts=3, k=1, renormalize=True)
     cfg = model.ModelConfig(vocab_size=21, max_text_len=6, top_k=1, renormalize=True,
                             task_blind_top1=True)
     assert cfg.moe_config().renormalize is True and cfg.moe_config().task_blind_top1
     with pytest.raises(ValueError, match="applies only to k=1 with renormalize=True, got k=2"):
         model.ModelConfig(vocab_size=21, max_text_len=6, top_k=2, task_blind_top1=True)
     with pytest.raises(ValueError, match="renormalize must be 'auto', True or False, got 'yes'"):
-        moe_layer.MoEConfig(num_experts=3, k=2, renormalize="yes")
+        moe_config.MoEConfig(num_experts=3, k=2, renormalize="yes")
     with pytest.raises(TypeError, match="task_blind_top1 must be a bool"):
         model.ModelConfig(vocab_size=21, max_text_len=6, task_blind_top1=1)
 

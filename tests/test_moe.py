@@ -8,7 +8,7 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minivlmoe.moe import aux_losses, experts, moe_layer, router
+from minivlmoe.moe import aux_losses, experts, moe_config, moe_layer, router
 from minivlmoe.gradcheck import assert_gradients
 from minivlmoe.testing.moe import moe_layer_case, naive_pool, separated_inputs
 from minivlmoe.testing.ops import naive_ffn
@@ -55,7 +55,7 @@ def test_gradients_every_option(k, renormalize, drops, bpr, mode):
     """E = 3, N = 8 (4 per modality).  capacity_factor 0.5 drops by pigeonhole:
     E * ceil(0.5 K N / E) < K N.  Router noise is on (train=True)."""
     rng = np.random.default_rng(GRID.index((k, renormalize, drops, bpr, mode)))
-    config = moe_layer.MoEConfig(num_experts=3, k=k, capacity_factor=0.5 if drops else None,
+    config = moe_config.MoEConfig(num_experts=3, k=k, capacity_factor=0.5 if drops else None,
                            renormalize=renormalize, task_blind_top1=k == 1 and renormalize,
                            bpr=bpr, mode=mode, min_experts=3,
                            aux_weights=ALL_AUX, noise_std=0.2)
@@ -76,7 +76,7 @@ def layer_setup(draw):
     e = draw(st.integers(1, 4))
     mode = draw(st.sampled_from(["shared", "modality"]))
     k, renormalize = draw(st.integers(1, e)), draw(st.booleans())
-    config = moe_layer.MoEConfig(num_experts=e, k=k,
+    config = moe_config.MoEConfig(num_experts=e, k=k,
                            capacity_factor=draw(st.sampled_from([None, 0.5, 1.0, 1.5])),
                            renormalize=renormalize, task_blind_top1=k == 1 and renormalize,
                            bpr=draw(st.booleans()),
@@ -114,7 +114,7 @@ def test_forward_matches_naive_loop_including_drops(setup):
         np.testing.assert_array_equal(got["shared"].kept, kept)
     else:
         want = np.zeros_like(x)
-        for m, name in enumerate(moe_layer.MODALITIES):
+        for m, name in enumerate(moe_config.MODALITIES):
             idx = np.flatnonzero(modality == m)
             if idx.size:
                 want[idx], kept = naive_pool(x[idx], params[name], config)
@@ -151,12 +151,12 @@ def test_dropped_tokens_and_idle_experts_get_exactly_zero(setup):
     """A fully dropped token: y row 0 and (without aux losses) dx row 0; an expert that
     got no token: all-zero gradients."""
     rng, x, params, config, modality = setup
-    config = moe_layer.MoEConfig(**{**config.__dict__, "aux_weights": NO_AUX})
+    config = moe_config.MoEConfig(**{**config.__dict__, "aux_weights": NO_AUX})
     y, aux, cache = moe_layer.forward(x, params, config, modality)
     dx, grads = moe_layer.backward(rng.standard_normal(y.shape), cache, daux_total=0.0)
     pools = ([("shared", np.arange(len(x)), grads)] if config.mode == "shared" else
              [(name, np.flatnonzero(modality == m), grads[name])
-              for m, name in enumerate(moe_layer.MODALITIES)])
+              for m, name in enumerate(moe_config.MODALITIES)])
     p = plans(cache)
     for name, idx, g in pools:
         if name not in p:
@@ -184,7 +184,7 @@ def test_permuting_experts_with_their_weights_leaves_the_output_unchanged(setup)
         return out
 
     params2 = (permuted(params) if config.mode == "shared" else
-               {name: permuted(params[name]) for name in moe_layer.MODALITIES})
+               {name: permuted(params[name]) for name in moe_config.MODALITIES})
     y, aux, _ = moe_layer.forward(x, params, config, modality)
     y2, aux2, _ = moe_layer.forward(x, params2, config, modality)
     np.testing.assert_allclose(y2, y, rtol=1e-10, atol=1e-12)
@@ -194,7 +194,7 @@ def test_permuting_experts_with_their_weights_leaves_the_output_unchanged(setup)
 @given(layer_setup())
 def test_dropless_permuting_tokens_permutes_the_output(setup):
     rng, x, params, config, modality = setup
-    config = moe_layer.MoEConfig(**{**config.__dict__, "capacity_factor": None})
+    config = moe_config.MoEConfig(**{**config.__dict__, "capacity_factor": None})
     perm = rng.permutation(len(x))
     y, _, _ = moe_layer.forward(x, params, config, modality)
     y2, _, _ = moe_layer.forward(x[perm], params, config, None if modality is None else modality[perm])
@@ -210,7 +210,7 @@ def test_adding_a_constant_to_all_logits_changes_no_output(setup, shift):
                 "experts": pool["experts"]}
 
     params2 = (shifted(params) if config.mode == "shared" else
-               {name: shifted(params[name]) for name in moe_layer.MODALITIES})
+               {name: shifted(params[name]) for name in moe_config.MODALITIES})
     y, _, _ = moe_layer.forward(x, params, config, modality)
     y2, _, _ = moe_layer.forward(x, params2, config, modality)
     np.testing.assert_allclose(y2, y, rtol=1e-9, atol=1e-12)
@@ -219,8 +219,8 @@ def test_adding_a_constant_to_all_logits_changes_no_output(setup, shift):
 @given(layer_setup())
 def test_bpr_changes_only_which_tokens_are_dropped(setup):
     rng, x, params, config, modality = setup
-    on = moe_layer.MoEConfig(**{**config.__dict__, "bpr": True})
-    off = moe_layer.MoEConfig(**{**config.__dict__, "bpr": False})
+    on = moe_config.MoEConfig(**{**config.__dict__, "bpr": True})
+    off = moe_config.MoEConfig(**{**config.__dict__, "bpr": False})
     y1, aux1, c1 = moe_layer.forward(x, params, on, modality)
     y0, aux0, c0 = moe_layer.forward(x, params, off, modality)
     p1, p0 = plans(c1), plans(c0)
@@ -232,7 +232,7 @@ def test_bpr_changes_only_which_tokens_are_dropped(setup):
         if config.mode == "shared":
             same_rows &= rows
         else:
-            same_rows[np.flatnonzero(modality == moe_layer.MODALITIES.index(name))] = rows
+            same_rows[np.flatnonzero(modality == moe_config.MODALITIES.index(name))] = rows
     np.testing.assert_allclose(y1[same_rows], y0[same_rows], rtol=1e-12, atol=1e-13)
     assert aux1.losses == aux0.losses                           # losses see choices, not drops
     if config.capacity_factor is None:
@@ -243,7 +243,7 @@ def test_bpr_changes_only_which_tokens_are_dropped(setup):
 def test_k_equal_e_dropless_is_the_dense_softmax_mixture(seed, e, n):
     rng = np.random.default_rng(seed)
     renormalize = bool(rng.integers(2))
-    config = moe_layer.MoEConfig(num_experts=e, k=e, capacity_factor=None,
+    config = moe_config.MoEConfig(num_experts=e, k=e, capacity_factor=None,
                            renormalize=renormalize, task_blind_top1=e == 1 and renormalize)
     params = moe_layer.init(rng, 3, 4, config, dtype=np.float64)
     x = rng.standard_normal((n, 3))
@@ -259,7 +259,7 @@ def test_k_equal_e_dropless_is_the_dense_softmax_mixture(seed, e, n):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_logits_of_magnitude_500_give_no_nan(dtype):
     rng = np.random.default_rng(0)
-    config = moe_layer.MoEConfig(num_experts=4, k=2, aux_weights=ALL_AUX)
+    config = moe_config.MoEConfig(num_experts=4, k=2, aux_weights=ALL_AUX)
     x, params = separated_inputs(rng, config, 6, 5, 3, dtype=dtype)
     params["router"]["b"] = (500.0 * np.sign(rng.standard_normal(4))).astype(dtype)
     params["router"]["W"].data *= 300
@@ -272,7 +272,7 @@ def test_logits_of_magnitude_500_give_no_nan(dtype):
 
 def test_float32_in_float32_out():
     rng = np.random.default_rng(0)
-    config = moe_layer.MoEConfig(num_experts=4, k=2, mode="modality")
+    config = moe_config.MoEConfig(num_experts=4, k=2, mode="modality")
     params = moe_layer.init(rng, 6, 8, config)
     x = rng.standard_normal((10, 6)).astype(np.float32)
     modality = np.array([0, 1] * 5)
@@ -288,7 +288,7 @@ def test_float32_with_router_noise_in_training(mode):
     """Router noise is drawn in float64 and must reach the router in x's dtype: a float32
     forward and backward with train=True stays float32 and finite."""
     rng = np.random.default_rng(0)
-    config = moe_layer.MoEConfig(num_experts=4, k=2, mode=mode, noise_std=0.5,
+    config = moe_config.MoEConfig(num_experts=4, k=2, mode=mode, noise_std=0.5,
                                  aux_weights=ALL_AUX)
     params = moe_layer.init(rng, 6, 8, config)
     x = rng.standard_normal((10, 6)).astype(np.float32)
@@ -309,7 +309,7 @@ def test_training_noise_is_sample_noise_of_noise_std_per_pool():
     """The layer's router sees ``router.sample_noise(rng, (N_p, E), noise_std)``, drawn
     pool after pool (image then text) from the one generator."""
     rng = np.random.default_rng(0)
-    config = moe_layer.MoEConfig(num_experts=4, k=2, noise_std=0.3, mode="modality")
+    config = moe_config.MoEConfig(num_experts=4, k=2, noise_std=0.3, mode="modality")
     params = moe_layer.init(rng, 5, 6, config, dtype=np.float64)
     x = rng.standard_normal((9, 5))
     modality = np.array([1, 0, 0, 1, 1, 0, 1, 1, 1])
@@ -324,7 +324,7 @@ def test_training_noise_is_sample_noise_of_noise_std_per_pool():
 
 def test_noise_only_in_training_and_only_from_the_generator():
     rng = np.random.default_rng(0)
-    config = moe_layer.MoEConfig(num_experts=4, k=2, noise_std=0.5)
+    config = moe_config.MoEConfig(num_experts=4, k=2, noise_std=0.5)
     params = moe_layer.init(rng, 5, 6, config, dtype=np.float64)
     x = rng.standard_normal((9, 5))
     clean, _, _ = moe_layer.forward(x, params, config)
@@ -340,13 +340,13 @@ def test_noise_only_in_training_and_only_from_the_generator():
 
 def test_modality_pools_route_each_modality_to_its_own_experts():
     rng = np.random.default_rng(0)
-    config = moe_layer.MoEConfig(num_experts=3, k=1, mode="modality")
+    config = moe_config.MoEConfig(num_experts=3, k=1, mode="modality")
     params = moe_layer.init(rng, 4, 5, config, dtype=np.float64)
     x = rng.standard_normal((7, 4))
     modality = np.array([0, 0, 1, 0, 1, 1, 1])
     y, aux, cache = moe_layer.forward(x, params, config, modality)
     yt, _, _ = moe_layer.forward(x[modality == 1], params["text"],
-                           moe_layer.MoEConfig(num_experts=3, k=1), None)
+                           moe_config.MoEConfig(num_experts=3, k=1), None)
     np.testing.assert_allclose(y[modality == 1], yt, rtol=1e-12)
     assert aux.stats["image"].usage[1].sum() == 0 and aux.stats["text"].usage[0].sum() == 0
     assert aux.stats["image"].load.sum() == 3 and aux.stats["text"].load.sum() == 4
@@ -361,7 +361,7 @@ def test_a_pool_without_tokens_reports_zero_usage():
     """An idle modality pool reports usage zeros (2, E) like a busy one, never None; a
     shared pool reports zeros when a modality array was given and None when not."""
     rng = np.random.default_rng(0)
-    config = moe_layer.MoEConfig(num_experts=3, k=1, mode="modality")
+    config = moe_config.MoEConfig(num_experts=3, k=1, mode="modality")
     params = moe_layer.init(rng, 4, 5, config, dtype=np.float64)
     x = rng.standard_normal((7, 4))
     _, aux, _ = moe_layer.forward(x, params, config, np.ones(7, dtype=int))  # no image
@@ -372,7 +372,7 @@ def test_a_pool_without_tokens_reports_zero_usage():
     np.testing.assert_array_equal(image.load, np.zeros(3))
     np.testing.assert_array_equal(text.usage, [[0, 0, 0], text.load])
     assert text.usage.sum() == 7
-    shared = moe_layer.MoEConfig(num_experts=3, k=1)
+    shared = moe_config.MoEConfig(num_experts=3, k=1)
     p_shared = moe_layer.init(rng, 4, 5, shared, dtype=np.float64)
     _, aux, _ = moe_layer.forward(np.zeros((0, 4)), p_shared, shared, np.zeros(0, dtype=int))
     np.testing.assert_array_equal(aux.stats["shared"].usage, np.zeros((2, 3)))
@@ -383,7 +383,7 @@ def test_a_pool_without_tokens_reports_zero_usage():
 
 def test_shared_mode_splits_entropy_losses_by_modality():
     rng = np.random.default_rng(0)
-    config = moe_layer.MoEConfig(num_experts=4, k=1, min_experts=4, capacity_factor=None,
+    config = moe_config.MoEConfig(num_experts=4, k=1, min_experts=4, capacity_factor=None,
                            aux_weights={"entropy_local": 1.0, "entropy_global": 1.0})
     params = moe_layer.init(rng, 5, 6, config, dtype=np.float64)
     x = rng.standard_normal((8, 5))
@@ -426,13 +426,13 @@ def test_experts_loop_matches_one_ffn_per_block():
 ])
 def test_bad_config_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        moe_layer.MoEConfig(**kwargs)
+        moe_config.MoEConfig(**kwargs)
 
 
 def test_bad_forward_input_names_the_argument():
     rng = np.random.default_rng(0)
-    shared = moe_layer.MoEConfig(num_experts=3, k=1)
-    split = moe_layer.MoEConfig(num_experts=3, k=1, mode="modality")
+    shared = moe_config.MoEConfig(num_experts=3, k=1)
+    split = moe_config.MoEConfig(num_experts=3, k=1, mode="modality")
     p_shared = moe_layer.init(rng, 4, 5, shared, dtype=np.float64)
     p_split = moe_layer.init(rng, 4, 5, split, dtype=np.float64)
     x = rng.standard_normal((6, 4))
@@ -445,7 +445,7 @@ def test_bad_forward_input_names_the_argument():
     with pytest.raises(TypeError, match="modality must have an integer dtype"):
         moe_layer.forward(x, p_split, split, np.zeros(6))
     with pytest.raises(ValueError, match="rng must be a numpy.random.Generator"):
-        moe_layer.forward(x, p_shared, moe_layer.MoEConfig(num_experts=3, k=1, noise_std=0.3), train=True)
+        moe_layer.forward(x, p_shared, moe_config.MoEConfig(num_experts=3, k=1, noise_std=0.3), train=True)
     with pytest.raises(ValueError, match=r"router W must have shape \(3, 5\)"):
         moe_layer.forward(rng.standard_normal((6, 5)), p_shared, shared)
     with pytest.raises(TypeError, match="x must have the dtype"):
@@ -457,7 +457,7 @@ def test_bad_forward_input_names_the_argument():
 @pytest.mark.parametrize("mode", ["shared", "modality"])
 def test_no_tokens(mode):
     rng = np.random.default_rng(0)
-    config = moe_layer.MoEConfig(num_experts=3, k=2, mode=mode, aux_weights=ALL_AUX)
+    config = moe_config.MoEConfig(num_experts=3, k=2, mode=mode, aux_weights=ALL_AUX)
     params = moe_layer.init(rng, 4, 5, config, dtype=np.float64)
     y, aux, cache = moe_layer.forward(np.zeros((0, 4)), params, config, np.zeros(0, dtype=int))
     dx, grads = moe_layer.backward(np.zeros((0, 4)), cache)

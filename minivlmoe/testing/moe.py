@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from ..gradcheck import GradcheckCase
-from ..moe import aux_losses, dispatch, experts, moe_layer, router
+from ..moe import aux_losses, dispatch, experts, moe_config, moe_layer, router
 from ..ops import softmax
 from ..tree import csr_on_pattern
 from .ops import naive_ffn
@@ -220,7 +220,7 @@ def separated_inputs(rng, config, n, d, hidden, modality=None, *, noise_seed=Non
     params = moe_layer.init(rng, d, hidden, config, density, dtype)
     pools = ([(params, np.arange(n))] if config.mode == "shared" else
              [(params[name], np.flatnonzero(modality == m))
-              for m, name in enumerate(moe_layer.MODALITIES)])
+              for m, name in enumerate(moe_config.MODALITIES)])
     noise_rng = None if noise_seed is None else np.random.default_rng(noise_seed)
     x = np.empty((n, d), dtype=dtype)                            # (N, D)
     for pool, idx in pools:
@@ -299,7 +299,7 @@ def moe_layer_cases(rng):
     cases = []
     n, d, hidden = 8, 4, 3
     for label, kwargs in settings:
-        config = moe_layer.MoEConfig(aux_weights=all_aux, min_experts=3, **kwargs)
+        config = moe_config.MoEConfig(aux_weights=all_aux, min_experts=3, **kwargs)
         modality = np.array([0, 1, 1, 0, 1, 0, 0, 1])            # (N,)
         x, params = separated_inputs(rng, config, n, d, hidden, modality, noise_seed=5)
         cases.append(moe_layer_case(f"moe({label})", x, params, config, modality,
