@@ -134,7 +134,8 @@ def directional_case(name, params, cfg, images, ids, *, pad_id, keys=None, rng):
 
 
 def gradcheck_cases(rng):
-    """One tiny float64 whole-model case per expert mode (both objectives on)."""
+    """One tiny float64 whole-model case per expert mode (both objectives on), and the
+    modality mode with image experts only and with text experts only."""
     cases = []
     for mode in model.EXPERT_MODES:
         cfg = tiny_config(mode)
@@ -142,4 +143,11 @@ def gradcheck_cases(rng):
         images, ids = tiny_batch(rng, cfg)
         cases.append(directional_case(f"model(experts={mode})", params, cfg, images, ids,
                                       pad_id=0, keys=np.array([0, 1, 0]), rng=rng))
+    for where in ("image", "text"):       # VL-MoE's ablation: experts for one modality only
+        cfg = tiny_config("modality", moe_modalities=where)
+        params = tiny_params(rng, cfg)
+        images, ids = tiny_batch(rng, cfg)
+        cases.append(directional_case(f"model(experts=modality, moe_modalities={where})",
+                                      params, cfg, images, ids, pad_id=0,
+                                      keys=np.array([0, 1, 0]), rng=rng))
     return cases
