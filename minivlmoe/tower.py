@@ -70,8 +70,8 @@ class SplitCache(NamedTuple):
 
     Fields
     ------
-    on, off : (U1,), (U2,) positions (among the U used rows) of the expert modality's rows
-        and of the others.
+    on, off : positions (among the U used rows) of the expert modality's rows and of the
+        others.
     moe, ffn : the moe_layer.Cache / ffn.Cache of those rows (None when there are none).
     params : the block's params (the zero gradient of a sublayer that saw no rows).
     """
@@ -128,18 +128,18 @@ def _moe_stats(aux, margin):
 def _split_forward(f_rows, p, cfg, mcfg, mod_rows, *, rng, train):
     """A "split" block's FFN sublayer: ``(f, aux_total, stats or None, SplitCache)``."""
     expert_id = moe_layer.MODALITIES.index(cfg.moe_modalities)    # 0 image, 1 text
-    on = np.flatnonzero(mod_rows == expert_id)                     # (U1,)
-    off = np.flatnonzero(mod_rows != expert_id)                    # (U2,)
+    on = np.flatnonzero(mod_rows == expert_id)                     # (on.size,)
+    off = np.flatnonzero(mod_rows != expert_id)                    # (off.size,)
     f = np.zeros_like(f_rows)                                      # (U, D)
     aux_total, stat, c_moe, c_ffn = 0.0, None, None, None
     if on.size:
         f[on], aux, c_moe = moe_layer.forward(f_rows[on], p["moe"], mcfg, mod_rows[on],
-                                              rng=rng, train=train)  # (U1, D)
+                                              rng=rng, train=train)  # (on.size, D)
         aux_total = aux.aux_total
         stat = _moe_stats(aux, _router_margin(c_moe, cfg.top_k))
         stat["pools"] = {cfg.moe_modalities: stat["pools"]["shared"]}   # the one pool
     if off.size:
-        f[off], c_ffn = ffn.forward(f_rows[off], p["ffn"])         # (U2, D)
+        f[off], c_ffn = ffn.forward(f_rows[off], p["ffn"])         # (off.size, D)
     return f, aux_total, stat, SplitCache(on=on, off=off, moe=c_moe, ffn=c_ffn, params=p)
 
 
@@ -148,11 +148,11 @@ def _split_backward(df, cache, daux_total):
     df_rows = np.zeros_like(df)                                    # (U, D)
     if cache.moe is not None:
         df_rows[cache.on], dmoe = moe_layer.backward(df[cache.on], cache.moe,
-                                                     daux_total)   # (U1, D)
+                                                     daux_total)   # (on.size, D)
     else:
         dmoe = zeros_like(cache.params["moe"])
     if cache.ffn is not None:
-        df_rows[cache.off], dffn = ffn.backward(df[cache.off], cache.ffn)  # (U2, D)
+        df_rows[cache.off], dffn = ffn.backward(df[cache.off], cache.ffn)  # (off.size, D)
     else:
         dffn = zeros_like(cache.params["ffn"])
     return df_rows, dmoe, dffn

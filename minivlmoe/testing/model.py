@@ -147,7 +147,7 @@ def gradcheck_cases(rng):
         cfg = tiny_config("modality", moe_modalities=where)
         params = tiny_params(rng, cfg)
         images, ids = tiny_batch(rng, cfg)
-        cases.append(directional_case(f"model(experts=modality, moe_modalities={where})",
+        cases.append(directional_case(f"model(modality mode, {where} experts only)",
                                       params, cfg, images, ids, pad_id=0,
                                       keys=np.array([0, 1, 0]), rng=rng))
     return cases
