@@ -334,6 +334,11 @@ def cmd_sweep(args):
                                jobs=args.jobs, progress=sys.stderr)
     except sweep.SweepError as e:
         return fail(str(e))
+    except KeyboardInterrupt:
+        print(f"minivlmoe: sweep interrupted; the same command continues it (finished runs "
+              f"are kept, the others resume from their checkpoints in {out})",
+              file=sys.stderr)
+        return 130
     table = sweep.format_summary(sweep.summarize(rows))
     print(table)
     print(f"saved {sweep.write_summary(table, out)} and {os.path.join(out, sweep.ROWS_NAME)}")

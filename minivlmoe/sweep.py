@@ -275,6 +275,14 @@ def run_sweep(points, out, preset="default", *, steps=None, top_k=None, jobs=1,
     return [rows[p.name] for p in points]
 
 
+def _ignore_sigint():
+    """Workers leave Ctrl-C to the main process, which then terminates them (a kill
+    during a checkpoint save leaves the previous checkpoint: the writes are atomic)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _run_pool(jobs_list, jobs, finished):
     import multiprocessing
 
@@ -283,7 +291,7 @@ def _run_pool(jobs_list, jobs, finished):
     saved = {name: os.environ.get(name) for name in ENV_VARS}
     os.environ.update({name: "1" for name in ENV_VARS})     # the workers' BLAS: one thread
     try:
-        pool = multiprocessing.get_context("spawn").Pool(jobs)
+        pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_ignore_sigint)
     finally:
         for name, value in saved.items():
             if value is None:
