@@ -10,6 +10,7 @@ caption     greedy captions of test images, next to the reference captions.
 retrieve    the test images that best match a caption.
 plot        the training losses and evaluations of run folders (text, or a PNG).
 routes      where a run's MoE layers send its test tokens (tables, maps, curves).
+sweep       dense and MoE models at equal active compute over a grid of expert counts.
 
 
 This module is the parser, :func:`main` and the error handling; the subcommands are in
@@ -216,7 +217,49 @@ def build_parser():
                    help="save heatmaps, maps and curves (needs matplotlib)")
     _data_option(p)
     p.set_defaults(func=commands.cmd_routes)
+    _sweep_parser(sub, commands, PRESETS)
     return parser
+
+
+def _comma_list(item):
+    """An argparse type: a comma-separated list of ``item`` values (``1,2,4``)."""
+    def parse(text):
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        try:
+            return [item(v) for v in values]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of "
+                                             f"{item.__name__}, got {text!r}") from None
+    parse.__name__ = f"list of {item.__name__}"
+    return parse
+
+
+def _sweep_parser(sub, commands, presets):
+    p = sub.add_parser("sweep", help="dense vs MoE at equal active compute over expert "
+                       "counts, modes and seeds (minivlmoe/sweep.py)",
+                       description="Train the preset's model at every point of a grid of "
+                       "expert counts (1 = dense) and expert modes, with several seeds, at "
+                       "equal active compute per token; one run folder per point under "
+                       "--out, finished runs are skipped, interrupted ones resume.")
+    p.add_argument("--preset", choices=sorted(presets), default="default",
+                   help="the grid's base model and training (default: default)")
+    p.add_argument("--experts-grid", type=_comma_list(int), default=[1, 2, 4, 8, 16],
+                   metavar="E,E,...", help="expert counts, 1 = dense (1,2,4,8,16)")
+    p.add_argument("--modes", type=_comma_list(str), default=["shared", "modality"],
+                   metavar="M,M", help="MoE modes among shared,modality (both)")
+    p.add_argument("--seeds", type=_comma_list(int), default=[0, 1, 2], metavar="S,S,...",
+                   help="seeds of every point (0,1,2)")
+    p.add_argument("--steps", type=_positive_int, help="optimizer steps (preset's by default)")
+    p.add_argument("--top-k", type=_positive_int, metavar="K",
+                   help="experts per token (preset's by default); the dense FFN gets K x")
+    p.add_argument("--ablation", action="store_true",
+                   help="also modality mode with image experts only and text experts only")
+    p.add_argument("--out", metavar="DIR", help="the sweep folder (sweeps/PRESET)")
+    p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                   help="runs at a time, each a process with one BLAS thread (1)")
+    p.add_argument("--png", metavar="FILE",
+                   help="the figure (default DIR/sweep.png when matplotlib is installed)")
+    p.set_defaults(func=commands.cmd_sweep, parser=p)
 
 
 def main(argv=None):

@@ -1,4 +1,5 @@
-"""The subcommands of the command line: train, eval, caption, retrieve, plot, routes, gradcheck.
+"""The subcommands of the command line: train, eval, caption, retrieve, plot, routes, gradcheck,
+sweep.
 
 Each ``cmd_<name>(args)`` takes the parsed arguments of :func:`minivlmoe.cli.build_parser`
 and returns the exit status; an expected failure is one line
@@ -14,6 +15,7 @@ the library inside itself, so nothing here loads NumPy at import time.
   (:func:`_load_run`) on its run's test split (:func:`_test_split`).
 * ``cmd_plot`` -- the summary (and PNG) of run folders.
 * ``cmd_routes`` -- where a run's MoE layers send its test tokens (minivlmoe/routes.py).
+* ``cmd_sweep`` -- a grid of runs at equal active compute (minivlmoe/sweep.py).
 """
 
 from __future__ import annotations
@@ -314,7 +316,7 @@ def cmd_routes(args):
     if not os.path.isdir(args.run):
         return fail(f"run folder not found ({args.run})")
     ckpt, model_cfg, train_cfg, tokenizer = _load_run(args.run)
-    if "moe" not in [kind for kind, _ in model_cfg.layer_kinds()]:
+    if not {"moe", "split"} & {kind for kind, _ in model_cfg.layer_kinds()}:
         return fail(f"{args.run} has no MoE layer (experts={model_cfg.experts!r}): "
                     f"nothing is routed")
     try:
@@ -339,4 +341,54 @@ def cmd_routes(args):
                         "pip install -e '.[plot]'; or pip install matplotlib); the tables "
                         "above were printed")
         print(f"saved {args.png}")
+    return 0
+
+
+def cmd_sweep(args):
+    """The grid (printed with its parameter counts), every run, the summary table and
+    the figure; ``args.parser.error`` (exit 2) for a bad grid."""
+    from . import runs, sweep
+
+    top_k = args.top_k if args.top_k is not None else runs.preset_configs(args.preset)[0].top_k
+    try:
+        points = sweep.make_grid(args.experts_grid, args.modes, args.seeds,
+                                 ablation=args.ablation, top_k=top_k)
+    except ValueError as e:
+        args.parser.error(str(e))                                   # exit status 2
+    out = args.out or os.path.join("sweeps", args.preset)
+    seen = {}
+    for p in points:
+        seen.setdefault((p.label, p.num_experts), p)
+    print(f"sweep of preset {args.preset!r}: {len(points)} runs in {out} "
+          f"(top-{top_k}, {len(args.seeds)} seed(s), {args.jobs} at a time); "
+          f"active params per token exclude the router")
+    for (label, E), p in seen.items():
+        stored, active, router = sweep.param_counts(
+            sweep.point_configs(p, args.preset, steps=args.steps, top_k=top_k)[0])
+        print(f"  {label:<15} E={E:<3} stored {stored:>9,}  active/token {active:>9,}  "
+              f"router/token {router:>6,}")
+    try:
+        rows = sweep.run_sweep(points, out, args.preset, steps=args.steps, top_k=top_k,
+                               jobs=args.jobs, progress=sys.stderr)
+    except sweep.SweepError as e:
+        return fail(str(e))
+    except KeyboardInterrupt:
+        print(f"minivlmoe: sweep interrupted; the same command continues it (finished runs "
+              f"are kept, the others resume from their checkpoints in {out})",
+              file=sys.stderr)
+        return 130
+    table = sweep.format_summary(sweep.summarize(rows))
+    print(table)
+    print(f"saved {sweep.write_summary(table, out)} and {os.path.join(out, sweep.ROWS_NAME)}")
+    png = args.png or os.path.join(out, sweep.PNG_NAME)
+    try:
+        sweep.plot_summary(sweep.summarize(rows), png,
+                           f"preset {args.preset}, top-{top_k}: experts at equal active "
+                           f"compute (mean ± std over {len(args.seeds)} seed(s))")
+    except ImportError:
+        if args.png:
+            return fail("--png needs matplotlib, which is not installed (pip install "
+                        "matplotlib); the summary above was written")
+        return 0
+    print(f"saved {png}")
     return 0

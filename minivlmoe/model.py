@@ -10,6 +10,9 @@ are the "MoE positions", as V-MoE's "every other layer")
 * ``"modality"`` (VL-MoE): every MoE position has an image pool and a text pool (image
   tokens only go to image experts, text tokens to text experts), except the top
   ``fusion_layers`` layers, which use a dense vision-language FFN shared by both.
+  ``moe_modalities`` places the experts (VL-MoE's Table 3): ``"both"`` (the default),
+  ``"image"`` (image experts; the text tokens of a MoE position go through a dense FFN
+  of width ``expert_hidden * top_k``) or ``"text"`` (the reverse).
 * ``"dense"``: no MoE; the baseline for every comparison.
 
 Active compute is matched: at a MoE position a token runs through K experts of hidden
@@ -59,6 +62,7 @@ from .timing import NULL_TIMER
 from .tree import zeros_like
 
 EXPERT_MODES = ("modality", "shared", "dense")
+MOE_MODALITIES = ("both", "image", "text")
 
 
 # ----------------------------------------------------------------------------- config
@@ -78,6 +82,8 @@ class ModelConfig:
     expert_hidden : hidden width F of one expert (None: ``mlp_hidden``); dense FFNs at
         MoE positions get ``expert_hidden * top_k`` so that active compute matches.
     experts : "modality" | "shared" | "dense" (module docstring).
+    moe_modalities : "both" | "image" | "text", which modality has experts in
+        "modality" mode (the other one: a dense FFN of width ``expert_hidden * top_k``).
     num_experts, top_k : E experts per pool, K experts per token.
     capacity_factor : float > 0, or None for dropless routing.
     moe_every : MoE at layers ``i % moe_every == moe_every - 1``.
@@ -113,6 +119,7 @@ class ModelConfig:
     mlp_hidden: int = 128
     expert_hidden: int | None = None
     experts: str = "modality"
+    moe_modalities: str = "both"
     num_experts: int = 4
     top_k: int = 1
     capacity_factor: float | None = 1.25
@@ -148,6 +155,10 @@ class ModelConfig:
             object.__setattr__(self, "expert_hidden", self.mlp_hidden)
         check_int("expert_hidden", self.expert_hidden, 1)
         check_choice("experts", self.experts, set(EXPERT_MODES))
+        check_choice("moe_modalities", self.moe_modalities, set(MOE_MODALITIES))
+        if self.moe_modalities != "both" and self.experts != "modality":
+            raise ValueError(f"moe_modalities must be 'both' unless experts='modality', "
+                             f"got {self.moe_modalities!r} with experts={self.experts!r}")
         check_int("top_k", self.top_k, 1, self.num_experts)
         if self.capacity_factor is not None:
             check_float("capacity_factor", self.capacity_factor, 0.0, low_open=True)
@@ -178,7 +189,9 @@ class ModelConfig:
         return np.dtype(self.dtype)
 
     def layer_kinds(self):
-        """Per layer ``("moe" | "ffn", hidden width)`` (module docstring, active compute)."""
+        """Per layer ``("moe" | "split" | "ffn", hidden width)`` (module docstring, active
+        compute); "split" (``moe_modalities`` "image" or "text"): experts of that hidden
+        width for one modality, a dense FFN of ``hidden * top_k`` for the other."""
         kinds = []
         for i in range(self.layers):
             moe_position = i % self.moe_every == self.moe_every - 1
@@ -188,7 +201,8 @@ class ModelConfig:
             elif self.experts == "dense" or fusion:
                 kinds.append(("ffn", self.expert_hidden * self.top_k))
             else:
-                kinds.append(("moe", self.expert_hidden))
+                kinds.append(("moe" if self.moe_modalities == "both" else "split",
+                              self.expert_hidden))
         return kinds
 
     def moe_config(self):
@@ -197,7 +211,8 @@ class ModelConfig:
             num_experts=self.num_experts, k=self.top_k, capacity_factor=self.capacity_factor,
             renormalize=self.renormalize, task_blind_top1=self.task_blind_top1,
             bpr=bool(self.bpr), noise_std=self.router_noise,
-            mode="modality" if self.experts == "modality" else "shared",
+            mode=("modality" if self.experts == "modality" and self.moe_modalities == "both"
+                  else "shared"),           # a "split" layer's experts are one pool
             min_experts=self.min_experts,
             aux_weights={name: getattr(self, name) for name in
                          ("load_balance", "z_loss", "importance", "entropy_local",
@@ -270,9 +285,11 @@ def init(rng, cfg):
         block = {"ln1": layernorm.init(D, dt),
                  "attn": attention.init(rng, D, cfg.heads, cfg.density, dt),
                  "ln2": layernorm.init(D, dt)}
-        if kind == "moe":
+        if kind in ("moe", "split"):
             block["moe"] = moe_layer.init(rng, D, hidden, mcfg, cfg.density, dt)
-        else:
+        if kind == "split":                 # the other modality's dense FFN
+            block["ffn"] = ffn.init(rng, D, hidden * cfg.top_k, cfg.density, dt)
+        elif kind == "ffn":
             block["ffn"] = ffn.init(rng, D, hidden, cfg.density, dt)
         params["blocks"][str(i)] = block
     params["ln_f"] = layernorm.init(D, dt)

@@ -11,6 +11,11 @@ Forward (per block i, then LN_f)::
 
 ``F`` is the block's kind (``ModelConfig.layer_kinds``): a dense FFN, or a MoE layer that
 also returns its weighted auxiliary losses; ``aux_total`` sums them over the MoE layers.
+A "split" block (``moe_modalities`` "image" or "text") sends the rows of that modality
+through a one-pool MoE layer and the other rows through a dense FFN::
+
+    f[on]  = MoE(f_in[on])        on  = rows of the expert modality
+    f[off] = FFN(f_in[off])       off = the other rows      (backward: the same split)
 Padding rows skip ``F`` (module docstring of minivlmoe/sequence.py says why).
 
 Backward: the reverse call list, every residual fork named::
@@ -36,8 +41,9 @@ import numpy as np
 
 from ._checks import check_bool
 from .ops import attention, ffn, layernorm
-from .moe import moe_layer, router
+from .moe import moe_config, moe_layer, router
 from .timing import NULL_TIMER
+from .tree import zeros_like
 
 LN_EPS = 1e-5
 
@@ -57,6 +63,24 @@ class BlockCache(NamedTuple):
     ln2: layernorm.Cache
     kind: str
     mix: object
+
+
+class SplitCache(NamedTuple):
+    """The FFN sublayer of a "split" block.
+
+    Fields
+    ------
+    on, off : positions (among the U used rows) of the expert modality's rows and of the
+        others.
+    moe, ffn : the moe_layer.Cache / ffn.Cache of those rows (None when there are none).
+    params : the block's params (the zero gradient of a sublayer that saw no rows).
+    """
+
+    on: np.ndarray
+    off: np.ndarray
+    moe: object
+    ffn: object
+    params: dict
 
 
 class Cache(NamedTuple):
@@ -99,6 +123,39 @@ def _moe_stats(aux, margin):
     return {"dropped_fraction": float(aux.dropped_fraction),
             "losses": {k: float(v) for k, v in aux.losses.items()},
             "min_margin": margin, "pools": pools}
+
+
+def _split_forward(f_rows, p, cfg, mcfg, mod_rows, *, rng, train):
+    """A "split" block's FFN sublayer: ``(f, aux_total, stats or None, SplitCache)``."""
+    expert_id = moe_config.MODALITIES.index(cfg.moe_modalities)   # 0 image, 1 text
+    on = np.flatnonzero(mod_rows == expert_id)                     # (on.size,)
+    off = np.flatnonzero(mod_rows != expert_id)                    # (off.size,)
+    f = np.zeros_like(f_rows)                                      # (U, D)
+    aux_total, stat, c_moe, c_ffn = 0.0, None, None, None
+    if on.size:
+        f[on], aux, c_moe = moe_layer.forward(f_rows[on], p["moe"], mcfg, mod_rows[on],
+                                              rng=rng, train=train)  # (on.size, D)
+        aux_total = aux.aux_total
+        stat = _moe_stats(aux, _router_margin(c_moe, cfg.top_k))
+        stat["pools"] = {cfg.moe_modalities: stat["pools"]["shared"]}   # the one pool
+    if off.size:
+        f[off], c_ffn = ffn.forward(f_rows[off], p["ffn"])         # (off.size, D)
+    return f, aux_total, stat, SplitCache(on=on, off=off, moe=c_moe, ffn=c_ffn, params=p)
+
+
+def _split_backward(df, cache, daux_total):
+    """Reverse of :func:`_split_forward`: ``(df_rows, dmoe, dffn)``."""
+    df_rows = np.zeros_like(df)                                    # (U, D)
+    if cache.moe is not None:
+        df_rows[cache.on], dmoe = moe_layer.backward(df[cache.on], cache.moe,
+                                                     daux_total)   # (on.size, D)
+    else:
+        dmoe = zeros_like(cache.params["moe"])
+    if cache.ffn is not None:
+        df_rows[cache.off], dffn = ffn.backward(df[cache.off], cache.ffn)  # (off.size, D)
+    else:
+        dffn = zeros_like(cache.params["ffn"])
+    return df_rows, dmoe, dffn
 
 
 def forward(x, mask, modality, rows, params, cfg, *, rng=None, train=False,
@@ -148,6 +205,12 @@ def forward(x, mask, modality, rows, params, cfg, *, rng=None, train=False,
                                                   rng=rng, train=train)  # (U, D)
                 aux_total += aux.aux_total
                 stats[f"blocks.{i}"] = _moe_stats(aux, _router_margin(c_mix, cfg.top_k))
+            elif kind == "split":
+                f, aux_split, stat, c_mix = _split_forward(f_rows, p, cfg, mcfg, mod_rows,
+                                                           rng=rng, train=train)  # (U, D)
+                aux_total += aux_split
+                if stat is not None:
+                    stats[f"blocks.{i}"] = stat
             else:
                 f, c_mix = ffn.forward(f_rows, p["ffn"])           # (U, D)
             x2 = x1.reshape(N, D).copy()                           # (N, D)
@@ -192,6 +255,8 @@ def backward(dh, cache, daux_total=1.0, *, timer=NULL_TIMER):
             df = dx2 if rows is None else dx2[rows]                # (U, D) FFN branch
             if c.kind == "moe":
                 df_rows, g["moe"] = moe_layer.backward(df, c.mix, daux_total)  # (U, D)
+            elif c.kind == "split":
+                df_rows, g["moe"], g["ffn"] = _split_backward(df, c.mix, daux_total)  # (U, D)
             else:
                 df_rows, g["ffn"] = ffn.backward(df, c.mix)        # (U, D)
             if rows is None:
@@ -210,6 +275,6 @@ def backward(dh, cache, daux_total=1.0, *, timer=NULL_TIMER):
             # a_in = LN1(x)
             dx_ln, g["ln1"] = layernorm.backward(da_in, c.ln1)     # (B, S, D)
             dx = dx_resid + dx_ln                                  # (B, S, D) forks join
-        dblocks[str(i)] = {k: g[k] for k in ("ln1", "attn", "ln2", c.kind)}
+        dblocks[str(i)] = {k: g[k] for k in ("ln1", "attn", "ln2", "ffn", "moe") if k in g}
     dblocks = {str(i): dblocks[str(i)] for i in range(len(cache.blocks))}
     return dx, dblocks, dln_f

@@ -639,3 +639,83 @@ def test_router_task_gradcheck_rows_pass_and_catch_a_wrong_router_backward(
     monkeypatch.setattr(router, "backward", breaker(router.backward))
     rows = {row.argument: row for row in check_case(case, np.random.default_rng(1))}
     assert not rows["c.blocks/0"].passed                       # the router's block
+
+
+# ---- where the experts go (moe_modalities, VL-MoE's Table 3 ablation)
+
+def _loss_and_grad_leaves(cfg, seed=8):
+    rng = np.random.default_rng(seed)
+    params = tiny_params(rng, cfg)
+    images, ids = tiny_batch(rng, cfg)
+    losses, grads, _ = model.loss_and_grads(params, cfg, images, ids, pad_id=0,
+                                            keys=np.array([0, 1, 0]), rng=rng, train=True)
+    leaves = {k: (v.data if isinstance(v, sp.csr_array) else v)
+              for k, v in flatten(grads).items()}
+    return losses, leaves
+
+
+def test_moe_modalities_both_is_todays_modality_mode():
+    """"both" is the default and the config of a run saved before the field existed; its
+    losses and gradients are bit-identical to those, and to the value the code gave just
+    before the field existed (commit 952a84a, raw top-1 gates: total 6.849791917242887
+    with this seed)."""
+    cfg = tiny_config("modality")
+    assert cfg.moe_modalities == "both"
+    old = cfg.to_dict()
+    del old["moe_modalities"]                                      # a config.json of before
+    assert model.ModelConfig.from_dict(old) == cfg
+    losses, leaves = _loss_and_grad_leaves(cfg)
+    losses2, leaves2 = _loss_and_grad_leaves(tiny_config("modality", moe_modalities="both"))
+    assert losses == losses2 and leaves.keys() == leaves2.keys()
+    for k in leaves:
+        assert np.array_equal(leaves[k], leaves2[k]), k
+    assert losses["total"] == pytest.approx(6.849791917242887, rel=1e-12, abs=0)
+    assert [k for k, _ in cfg.layer_kinds()] == ["moe", "ffn"]
+
+
+@pytest.mark.parametrize("where", ["image", "text"])
+def test_moe_modalities_one_side_params_and_compute(where):
+    cfg = model.ModelConfig(vocab_size=10, max_text_len=5, experts="modality", layers=4,
+                            mlp_hidden=48, expert_hidden=24, top_k=2, moe_every=2,
+                            moe_modalities=where)
+    assert [k for k, _ in cfg.layer_kinds()] == ["ffn", "split", "ffn", "ffn"]
+    block = model.init(np.random.default_rng(0), cfg)["blocks"]["1"]
+    assert set(block["moe"]) == {"router", "experts"}              # one pool
+    assert len(block["moe"]["experts"]) == cfg.num_experts
+    assert block["ffn"]["fc1"]["W"].shape[0] == 24 * 2             # the same active width
+
+
+def test_moe_modalities_one_side_routes_only_its_tokens():
+    """The image-only layer routes exactly the image tokens the "both" layer sends to its
+    image pool, the text-only layer exactly the text tokens; the other pool is gone."""
+    routed = {}
+    for where in ("both", "image", "text"):
+        cfg = tiny_config("modality", moe_modalities=where)
+        params = tiny_params(np.random.default_rng(1), cfg)
+        images, ids = tiny_batch(np.random.default_rng(2), cfg)     # the same batch each time
+        _, stats, _ = model.forward(params, cfg, images, ids, pad_id=0)
+        pools = stats["moe"]["blocks.0"]["pools"]
+        assert set(pools) == ({"image", "text"} if where == "both" else {where})
+        routed[where] = {name: sum(pool["routed"]) for name, pool in pools.items()}
+        # one modality alone (inference): the other sublayer sees no rows
+        assert inference.encode_images(params, cfg, images).shape == (3, cfg.embed_dim)
+    assert routed["image"]["image"] == routed["both"]["image"] == 3 * (1 + cfg.num_patches)
+    assert routed["text"]["text"] == routed["both"]["text"] > 0
+
+
+@pytest.mark.parametrize("where", ["image", "text"])
+def test_moe_modalities_one_side_gradients(where):
+    cfg = tiny_config("modality", moe_modalities=where)
+    rng = np.random.default_rng(2)
+    params = tiny_params(rng, cfg)
+    images, ids = tiny_batch(rng, cfg)
+    case = directional_case(f"model(moe_modalities={where})", params, cfg, images, ids,
+                            pad_id=0, keys=np.array([0, 1, 0]), rng=rng)
+    assert_gradients(case, rng)
+
+
+def test_moe_modalities_refused_outside_modality_mode():
+    with pytest.raises(ValueError, match="moe_modalities must be 'both' unless"):
+        tiny_config("shared", moe_modalities="image")
+    with pytest.raises(ValueError, match="moe_modalities"):
+        tiny_config("modality", moe_modalities="both_")

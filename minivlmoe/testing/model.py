@@ -154,7 +154,8 @@ def router_task_case_name(mode, label):
 
 def gradcheck_cases(rng):
     """Tiny float64 whole-model cases (both objectives on): one per expert mode (top-1
-    raw gates, every auxiliary loss on), then one per :data:`ROUTER_TASK` setting."""
+    raw gates, every auxiliary loss on), one per :data:`ROUTER_TASK` setting, and the
+    modality mode with image experts only and with text experts only."""
     settings = [(f"model(experts={mode})", mode, {}) for mode in model.EXPERT_MODES]
     settings += [(router_task_case_name(mode, label), mode, overrides)
                  for mode, label, overrides in ROUTER_TASK]
@@ -165,4 +166,11 @@ def gradcheck_cases(rng):
         images, ids = tiny_batch(rng, cfg)
         cases.append(directional_case(name, params, cfg, images, ids,
                                       pad_id=0, keys=np.array([0, 1, 0]), rng=rng))
+    for where in ("image", "text"):       # VL-MoE's ablation: experts for one modality only
+        cfg = tiny_config("modality", moe_modalities=where)
+        params = tiny_params(rng, cfg)
+        images, ids = tiny_batch(rng, cfg)
+        cases.append(directional_case(f"model(modality mode, {where} experts only)",
+                                      params, cfg, images, ids, pad_id=0,
+                                      keys=np.array([0, 1, 0]), rng=rng))
     return cases
