@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)          # this checkout's minivlmoe, installed or not
 
-from minivlmoe import model, optim, runs, train
+from minivlmoe import model, model_config, optim, runs, train
 from minivlmoe.timing import SectionTimer  # noqa: E402
 from minivlmoe.moe import aux_losses, dispatch, experts, router
 from minivlmoe.tokenizer import PAD_ID  # noqa: E402
@@ -68,7 +68,7 @@ def instrument_moe(holder):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="default", choices=sorted(runs.PRESETS))
-    parser.add_argument("--experts", default=None, choices=model.EXPERT_MODES)
+    parser.add_argument("--experts", default=None, choices=model_config.EXPERT_MODES)
     parser.add_argument("--steps", type=int, default=20, help="timed steps (20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (3)")
     parser.add_argument("--batch-size", type=int, default=None)

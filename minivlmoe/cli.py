@@ -118,7 +118,7 @@ def _data_option(p):
 
 def build_parser():
     from . import commands
-    from .model import EXPERT_MODES
+    from .model_config import EXPERT_MODES
     from .runs import PRESETS
 
     # allow_abbrev=False: threads.option reads --threads from argv before this parser runs

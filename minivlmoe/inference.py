@@ -35,7 +35,8 @@ from typing import NamedTuple
 import numpy as np
 
 from ._checks import check_int, check_params
-from .model import PARAM_KEYS, check_config
+from .model import PARAM_KEYS
+from .model_config import check_config
 from .ops import l2norm, patch_embed, sparse_linear, token_embed
 from . import model, sequence, tower
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from . import model, optim
-from .model import EXPERT_MODES
+from . import model, model_config, optim
+from .model_config import EXPERT_MODES
 from ._checks import check_choice, check_float, check_int
 from .scenes import grammar_words, max_caption_words
 from .tokenizer import Tokenizer
@@ -149,7 +149,7 @@ def preset_configs(name="default", *, experts=None, dtype=None, data=None, patch
     if patch is not None:
         model_kw["patch"] = patch
     tokenizer = builtin_tokenizer()
-    mcfg = model.ModelConfig(vocab_size=tokenizer.vocab_size,
+    mcfg = model_config.ModelConfig(vocab_size=tokenizer.vocab_size,
                              max_text_len=max_caption_words(tcfg.max_objects) + 2, **model_kw)
     return mcfg, tcfg
 
@@ -183,7 +183,7 @@ def fit_to_data(model_kw, train_cfg, data, *, patch=None):
     if R % patch:
         raise ValueError(f"patch must divide the image size {R} of {name}, got {patch}")
     tokenizer = data_tokenizer(splits.train)
-    mcfg = model.ModelConfig(**{**model_kw, "image_size": R, "patch": patch,
+    mcfg = model_config.ModelConfig(**{**model_kw, "image_size": R, "patch": patch,
                                 "vocab_size": tokenizer.vocab_size,
                                 "max_text_len": tokenizer.max_words(splits.train.captions) + 2})
     return mcfg, train_cfg
@@ -233,7 +233,7 @@ def parse_run_config(d):
                          f"{'' if d['version'] == DATA_RUN_VERSION else 'not '}have a "
                          f"'data' entry")
     try:
-        return (model.ModelConfig.from_dict(d["model"]), TrainConfig.from_dict(d["train"]),
+        return (model_config.ModelConfig.from_dict(d["model"]), TrainConfig.from_dict(d["train"]),
                 Tokenizer.from_dict(d["tokenizer"]))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"invalid run config ({type(e).__name__}: {e})") from None

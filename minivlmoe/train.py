@@ -55,7 +55,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import checkpoint, evaluate, model, optim
+from . import checkpoint, evaluate, model, model_config, optim
 from ._checks import check_bool, check_int
 from .data import minibatch_indices
 from .divergence import (ClipMonitor, DivergenceCheck, TrainingDiverged, blew_up, non_finite,
@@ -234,7 +234,7 @@ def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_a
 
     Parameters
     ----------
-    model_cfg : model.ModelConfig.   train_cfg : TrainConfig.
+    model_cfg : model_config.ModelConfig.   train_cfg : TrainConfig.
     out_dir : str or None; None writes nothing (no resume then).
     data : None (the built-in world of ``train_cfg``), a
         :class:`minivlmoe.userdata.UserData` (split with ``train_cfg.data_seed``; its
@@ -267,7 +267,7 @@ def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_a
     OSError when the run folder cannot be written (a failed checkpoint save leaves the
     previous checkpoint intact).
     """
-    if not isinstance(model_cfg, model.ModelConfig):
+    if not isinstance(model_cfg, model_config.ModelConfig):
         raise TypeError(f"model_cfg must be a ModelConfig, got {type(model_cfg).__name__}")
     if not isinstance(train_cfg, TrainConfig):
         raise TypeError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")

@@ -20,7 +20,7 @@ import scipy.sparse as sp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minivlmoe import inference, metrics, model, world
+from minivlmoe import inference, metrics, model, model_config, world
 from minivlmoe.data import ImageCaptionDataset, minibatch_indices, to_uint8
 from minivlmoe.moe import aux_losses, dispatch, experts, moe_config, moe_layer, router
 from minivlmoe.ops import (attention, contrastive, cross_entropy, ffn, gelu, l2norm,
@@ -583,8 +583,8 @@ TABLE = [
      ("params", "cfg", "ids", "pad_id", "batch_size")),
     ("inference.greedy_decode", inference.greedy_decode, b_greedy,
      ("params", "cfg", "images", "bos_id", "eos_id", "pad_id", "max_len")),
-    ("model.ModelConfig.from_dict", model.ModelConfig.from_dict, b_config_from_dict, ("d",)),
-    ("model.ModelConfig", model.ModelConfig, b_model_config,
+    ("model_config.ModelConfig.from_dict", model_config.ModelConfig.from_dict, b_config_from_dict, ("d",)),
+    ("model_config.ModelConfig", model_config.ModelConfig, b_model_config,
      ("image_size", "patch", "channels", "vocab_size", "max_text_len", "width", "heads",
       "layers", "experts", "num_experts", "top_k", "bpr", "renormalize", "capacity_factor",
       "density", "dtype")),
@@ -793,10 +793,10 @@ def test_init_refuses_dtype_none(init):
 def test_model_config_needs_room_for_the_special_tokens():
     kw = b_model_config(None, 1, 1)
     with pytest.raises(ValueError, match=r"vocab_size must be in \[4, inf\], got 3"):
-        model.ModelConfig(**{**kw, "vocab_size": 3})
-    model.ModelConfig(**{**kw, "vocab_size": 4})
+        model_config.ModelConfig(**{**kw, "vocab_size": 3})
+    model_config.ModelConfig(**{**kw, "vocab_size": 4})
     with pytest.raises(ValueError, match="dtype must be one of"):
-        model.ModelConfig(**{**kw, "dtype": None})
+        model_config.ModelConfig(**{**kw, "dtype": None})
 
 
 def test_decode_refuses_floats():

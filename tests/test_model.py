@@ -11,15 +11,15 @@ import scipy.sparse as sp
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from minivlmoe import (cli, inference, model, optim, run_folder, runs, sequence, testing, tower,
-                       train)
+from minivlmoe import (cli, inference, model, model_config, optim, run_folder, runs, sequence,
+                       testing, tower, train)
 from minivlmoe.gradcheck import assert_gradients, check_case
 from minivlmoe.moe import moe_config, moe_layer, router
 from minivlmoe.testing.model import (NO_AUX, ROUTER_TASK, directional_case, router_task_case_name,
                                      tiny_batch, tiny_config, tiny_params)
 from minivlmoe.tree import flatten, unflatten, with_values
 
-MODES = model.EXPERT_MODES
+MODES = model_config.EXPERT_MODES
 OBJECTIVES = {"both": {}, "retrieval": {"caption_weight": 0.0},
               "fusion": {"contrastive_weight": 0.0}}
 PAD, BOS, EOS = 0, 1, 2
@@ -136,7 +136,7 @@ def test_layer_kinds_match_active_compute():
     """Every mode runs the same FFN hidden width per token in every layer."""
     active = {}
     for mode in MODES:
-        cfg = model.ModelConfig(vocab_size=10, max_text_len=5, experts=mode, layers=4,
+        cfg = model_config.ModelConfig(vocab_size=10, max_text_len=5, experts=mode, layers=4,
                                 mlp_hidden=48, expert_hidden=24, top_k=2, moe_every=2)
         kinds = cfg.layer_kinds()
         active[mode] = [hidden * (cfg.top_k if kind == "moe" else 1) for kind, hidden in kinds]
@@ -161,8 +161,8 @@ def test_moe_params_per_mode():
 
 
 def test_config_round_trip_through_json():
-    cfg = model.ModelConfig(vocab_size=30, max_text_len=9, capacity_factor=None, bpr=True)
-    again = model.ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    cfg = model_config.ModelConfig(vocab_size=30, max_text_len=9, capacity_factor=None, bpr=True)
+    again = model_config.ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
     assert cfg.expert_hidden == cfg.mlp_hidden
 
@@ -461,7 +461,7 @@ def test_timer_sections():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_overfits_eight_pairs(mode):
-    cfg = model.ModelConfig(image_size=8, patch=4, vocab_size=12, max_text_len=6, width=16,
+    cfg = model_config.ModelConfig(image_size=8, patch=4, vocab_size=12, max_text_len=6, width=16,
                             heads=2, layers=2, mlp_hidden=32, experts=mode, num_experts=2,
                             moe_every=1, embed_dim=16)
     rng = np.random.default_rng(0)
@@ -496,12 +496,12 @@ def test_bad_config(overrides, match):
     base = dict(vocab_size=10, max_text_len=5)
     base.update(overrides)
     with pytest.raises((ValueError, TypeError), match=match):
-        model.ModelConfig(**base)
+        model_config.ModelConfig(**base)
 
 
 def test_bad_config_dict():
     with pytest.raises(ValueError, match="unknown ModelConfig fields.*'wdith'"):
-        model.ModelConfig.from_dict({"vocab_size": 10, "max_text_len": 5, "wdith": 3})
+        model_config.ModelConfig.from_dict({"vocab_size": 10, "max_text_len": 5, "wdith": 3})
 
 
 def test_bad_batch_inputs():
@@ -536,7 +536,7 @@ def test_bad_batch_inputs():
 
 def test_gate_default_is_raw_for_top1_and_renormalized_for_topk():
     for top_k, want in ((1, False), (2, True), (4, True)):
-        cfg = model.ModelConfig(vocab_size=21, max_text_len=6, num_experts=4, top_k=top_k)
+        cfg = model_config.ModelConfig(vocab_size=21, max_text_len=6, num_experts=4, top_k=top_k)
         assert cfg.renormalize == "auto" and cfg.moe_config().renormalize is want
         assert moe_config.MoEConfig(num_experts=4, k=top_k).renormalize is want
     assert runs.preset_configs("default")[0].moe_config().renormalize is False
@@ -544,32 +544,32 @@ def test_gate_default_is_raw_for_top1_and_renormalized_for_topk():
 
 def test_top1_renormalized_is_refused_unless_opted_in():
     with pytest.raises(ValueError, match="router would get no gradient from the task loss"):
-        model.ModelConfig(vocab_size=21, max_text_len=6, top_k=1, renormalize=True)
+        model_config.ModelConfig(vocab_size=21, max_text_len=6, top_k=1, renormalize=True)
     with pytest.raises(ValueError, match="task_blind_top1=True"):
         moe_config.MoEConfig(num_experts=3, k=1, renormalize=True)
-    cfg = model.ModelConfig(vocab_size=21, max_text_len=6, top_k=1, renormalize=True,
+    cfg = model_config.ModelConfig(vocab_size=21, max_text_len=6, top_k=1, renormalize=True,
                             task_blind_top1=True)
     assert cfg.moe_config().renormalize is True and cfg.moe_config().task_blind_top1
     with pytest.raises(ValueError, match="applies only to k=1 with renormalize=True, got k=2"):
-        model.ModelConfig(vocab_size=21, max_text_len=6, top_k=2, task_blind_top1=True)
+        model_config.ModelConfig(vocab_size=21, max_text_len=6, top_k=2, task_blind_top1=True)
     with pytest.raises(ValueError, match="renormalize must be 'auto', True or False, got 'yes'"):
         moe_config.MoEConfig(num_experts=3, k=2, renormalize="yes")
     with pytest.raises(TypeError, match="task_blind_top1 must be a bool"):
-        model.ModelConfig(vocab_size=21, max_text_len=6, task_blind_top1=1)
+        model_config.ModelConfig(vocab_size=21, max_text_len=6, task_blind_top1=1)
 
 
 def test_config_dict_of_a_task_blind_run_is_the_old_default_and_round_trips():
     """Before renormalize="auto", every preset saved top_k 1 and renormalize true; such a
     dict loads with task_blind_top1 set, and the opt-in writes that very dict again."""
-    blind = model.ModelConfig(vocab_size=21, max_text_len=6, renormalize=True,
+    blind = model_config.ModelConfig(vocab_size=21, max_text_len=6, renormalize=True,
                               task_blind_top1=True)
     d = blind.to_dict()
     assert "task_blind_top1" not in d and d["renormalize"] is True and d["top_k"] == 1
-    assert model.ModelConfig.from_dict(d) == blind
-    auto = model.ModelConfig(vocab_size=21, max_text_len=6)
+    assert model_config.ModelConfig.from_dict(d) == blind
+    auto = model_config.ModelConfig(vocab_size=21, max_text_len=6)
     assert auto.to_dict()["renormalize"] == "auto"
-    assert model.ModelConfig.from_dict(json.loads(json.dumps(auto.to_dict()))) == auto
-    assert not model.ModelConfig.from_dict({**d, "renormalize": False}).task_blind_top1
+    assert model_config.ModelConfig.from_dict(json.loads(json.dumps(auto.to_dict()))) == auto
+    assert not model_config.ModelConfig.from_dict({**d, "renormalize": False}).task_blind_top1
 
 
 def test_a_run_saved_with_the_old_top1_renormalized_default_loads_and_resumes(tmp_path, capsys):
@@ -663,7 +663,7 @@ def test_moe_modalities_both_is_todays_modality_mode():
     assert cfg.moe_modalities == "both"
     old = cfg.to_dict()
     del old["moe_modalities"]                                      # a config.json of before
-    assert model.ModelConfig.from_dict(old) == cfg
+    assert model_config.ModelConfig.from_dict(old) == cfg
     losses, leaves = _loss_and_grad_leaves(cfg)
     losses2, leaves2 = _loss_and_grad_leaves(tiny_config("modality", moe_modalities="both"))
     assert losses == losses2 and leaves.keys() == leaves2.keys()
@@ -675,7 +675,7 @@ def test_moe_modalities_both_is_todays_modality_mode():
 
 @pytest.mark.parametrize("where", ["image", "text"])
 def test_moe_modalities_one_side_params_and_compute(where):
-    cfg = model.ModelConfig(vocab_size=10, max_text_len=5, experts="modality", layers=4,
+    cfg = model_config.ModelConfig(vocab_size=10, max_text_len=5, experts="modality", layers=4,
                             mlp_hidden=48, expert_hidden=24, top_k=2, moe_every=2,
                             moe_modalities=where)
     assert [k for k, _ in cfg.layer_kinds()] == ["ffn", "split", "ffn", "ffn"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .. import model
+from .. import model, model_config
 from ..gradcheck import GradcheckCase
 from ..tree import flatten, unflatten, with_values
 
@@ -39,7 +39,7 @@ def tiny_config(experts="shared", **overrides):
                 embed_dim=4, load_balance=0.1, z_loss=0.01, importance=0.1,
                 entropy_local=0.1, entropy_global=0.1, dtype="float64")
     base.update(overrides)
-    return model.ModelConfig(**base)
+    return model_config.ModelConfig(**base)
 
 
 def tiny_params(rng, cfg):
@@ -156,7 +156,7 @@ def gradcheck_cases(rng):
     """Tiny float64 whole-model cases (both objectives on): one per expert mode (top-1
     raw gates, every auxiliary loss on), one per :data:`ROUTER_TASK` setting, and the
     modality mode with image experts only and with text experts only."""
-    settings = [(f"model(experts={mode})", mode, {}) for mode in model.EXPERT_MODES]
+    settings = [(f"model(experts={mode})", mode, {}) for mode in model_config.EXPERT_MODES]
     settings += [(router_task_case_name(mode, label), mode, overrides)
                  for mode, label, overrides in ROUTER_TASK]
     cases = []
