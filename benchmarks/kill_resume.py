@@ -140,7 +140,7 @@ def compare_runs(a, b):
     return True, f"{len(ma)} records, {sum(leaves)} arrays"
 
 
-def run(kills=20, *, steps=200, eval_every=2, seed=0, dtype="float32", kill_seed=0,
+def run(kills=20, *, steps=600, eval_every=2, seed=0, dtype="float32", kill_seed=0,
         max_delay_s=2.0, workdir=None):
     """The kill-resume loop; returns a dict of counts (see the module docstring)."""
     from minivlmoe import checkpoint, run_checkpoint, run_folder
@@ -214,7 +214,7 @@ def summary(r):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--kills", type=int, default=20, help="SIGKILLs (20)")
-    p.add_argument("--steps", type=int, default=200, help="training steps (200)")
+    p.add_argument("--steps", type=int, default=600, help="training steps (600: enough for 20 kills to land before the run ends)")
     p.add_argument("--eval-every", type=int, default=2, help="steps between checkpoints (2)")
     p.add_argument("--seed", type=int, default=0, help="training seed (0)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
