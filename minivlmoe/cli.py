@@ -116,6 +116,14 @@ def _data_option(p):
                    help="where the run's data file is now, if it moved (same content)")
 
 
+def _subcommand(sub, func, name, **kwargs):
+    """A subparser whose parsed arguments run ``func`` (and carry the subparser itself, so
+    a command can report a usage error, exit 2, after parsing)."""
+    p = sub.add_parser(name, **kwargs)
+    p.set_defaults(func=func, parser=p)
+    return p
+
+
 def build_parser():
     from . import commands
     from .model_config import EXPERT_MODES
@@ -130,16 +138,17 @@ def build_parser():
                         "the subcommand")
     parser.add_argument("--debug-threads", action="store_true", help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
-    p = sub.add_parser("gradcheck", help="finite-difference check of every op's backward")
+    p = _subcommand(sub, commands.cmd_gradcheck, "gradcheck",
+                    help="finite-difference check of every op's backward")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--only", default=None, help="only ops whose name contains this text")
-    p.set_defaults(func=commands.cmd_gradcheck)
 
-    p = sub.add_parser("train", help="train on the built-in world or your own data",
-                       description="Train on the built-in image-caption world, or on your "
-                       "own images and captions (--data FILE.npz, docs/your_data.md). "
-                       "Writes DIR/config.json, DIR/metrics.jsonl, DIR/history.jsonl and "
-                       "DIR/ckpt.npz.")
+    p = _subcommand(sub, commands.cmd_train, "train",
+                    help="train on the built-in world or your own data",
+                    description="Train on the built-in image-caption world, or on your "
+                    "own images and captions (--data FILE.npz, docs/your_data.md). "
+                    "Writes DIR/config.json, DIR/metrics.jsonl, DIR/history.jsonl and "
+                    "DIR/ckpt.npz.")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="model size, steps and data (default: default)")
     p.add_argument("--steps", type=_positive_int, help="optimizer steps (preset's by default)")
@@ -170,43 +179,43 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true",
                    help="start again even if --out holds a run")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.set_defaults(func=commands.cmd_train, parser=p)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on its test split")
+    p = _subcommand(sub, commands.cmd_eval, "eval",
+                    help="evaluate a checkpoint on its test split")
     p.add_argument("ckpt", metavar="CKPT", help="a checkpoint file or a run folder")
     p.add_argument("--no-decode", action="store_true", help="skip the caption metrics")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     _data_option(p)
-    p.set_defaults(func=commands.cmd_eval)
 
-    p = sub.add_parser("caption", help="greedy captions of test images")
+    p = _subcommand(sub, commands.cmd_caption, "caption",
+                    help="greedy captions of test images")
     p.add_argument("ckpt", metavar="CKPT", help="a checkpoint file or a run folder")
     p.add_argument("--n", type=_positive_int, default=8, help="number of images (8)")
     p.add_argument("--png", metavar="FILE", help="save a grid of images (needs matplotlib)")
     _data_option(p)
-    p.set_defaults(func=commands.cmd_caption)
 
-    p = sub.add_parser("retrieve", help="test images that best match a caption")
+    p = _subcommand(sub, commands.cmd_retrieve, "retrieve",
+                    help="test images that best match a caption")
     p.add_argument("ckpt", metavar="CKPT", help="a checkpoint file or a run folder")
     p.add_argument("caption", help='e.g. "a small red circle left of a large blue square"')
     p.add_argument("--top", type=_positive_int, default=5, help="number of images (5)")
     p.add_argument("--ascii", action="store_true", help="draw the best image as text")
     _data_option(p)
-    p.set_defaults(func=commands.cmd_retrieve)
 
-    p = sub.add_parser("plot", help="training losses and evaluations of run folders",
-                       description="Print a summary of each run folder's history.jsonl "
-                       "and metrics.jsonl; with --png, draw them (several runs overlaid).")
+    p = _subcommand(sub, commands.cmd_plot, "plot",
+                    help="training losses and evaluations of run folders",
+                    description="Print a summary of each run folder's history.jsonl "
+                    "and metrics.jsonl; with --png, draw them (several runs overlaid).")
     p.add_argument("runs", nargs="+", metavar="RUN", help="a run folder (DIR of train --out)")
     p.add_argument("--png", metavar="FILE",
                    help="save the figure as a PNG (needs matplotlib: pip install -e '.[plot]')")
-    p.set_defaults(func=commands.cmd_plot)
 
-    p = sub.add_parser("routes", help="where a run's MoE layers send its test tokens",
-                       description="Per MoE layer and pool, the token counts by expert and "
-                       "kind (image, caption, retrieval text) and the dropped fraction; "
-                       "patch and word maps of a few test images; router entropy and "
-                       "load balance over training.")
+    p = _subcommand(sub, commands.cmd_routes, "routes",
+                    help="where a run's MoE layers send its test tokens",
+                    description="Per MoE layer and pool, the token counts by expert and "
+                    "kind (image, caption, retrieval text) and the dropped fraction; "
+                    "patch and word maps of a few test images; router entropy and "
+                    "load balance over training.")
     p.add_argument("run", metavar="RUN", help="a run folder (DIR of train --out)")
     p.add_argument("--n", type=_positive_int, default=4, help="test images with maps (4)")
     p.add_argument("--layer", type=_int_at_least(0), default=None,
@@ -216,7 +225,6 @@ def build_parser():
     p.add_argument("--png", metavar="FILE",
                    help="save heatmaps, maps and curves (needs matplotlib)")
     _data_option(p)
-    p.set_defaults(func=commands.cmd_routes)
     _sweep_parser(sub, commands, PRESETS)
     return parser
 
@@ -235,12 +243,13 @@ def _comma_list(item):
 
 
 def _sweep_parser(sub, commands, presets):
-    p = sub.add_parser("sweep", help="dense vs MoE at equal active compute over expert "
-                       "counts, modes and seeds (minivlmoe/sweep.py)",
-                       description="Train the preset's model at every point of a grid of "
-                       "expert counts (1 = dense) and expert modes, with several seeds, at "
-                       "equal active compute per token; one run folder per point under "
-                       "--out, finished runs are skipped, interrupted ones resume.")
+    p = _subcommand(sub, commands.cmd_sweep, "sweep",
+                    help="dense vs MoE at equal active compute over expert "
+                    "counts, modes and seeds (minivlmoe/sweep.py)",
+                    description="Train the preset's model at every point of a grid of "
+                    "expert counts (1 = dense) and expert modes, with several seeds, at "
+                    "equal active compute per token; one run folder per point under "
+                    "--out, finished runs are skipped, interrupted ones resume.")
     p.add_argument("--preset", choices=sorted(presets), default="default",
                    help="the grid's base model and training (default: default)")
     p.add_argument("--experts-grid", type=_comma_list(int), default=[1, 2, 4, 8, 16],
@@ -259,7 +268,6 @@ def _sweep_parser(sub, commands, presets):
                    help="runs at a time, each a process with one BLAS thread (1)")
     p.add_argument("--png", metavar="FILE",
                    help="the figure (default DIR/sweep.png when matplotlib is installed)")
-    p.set_defaults(func=commands.cmd_sweep, parser=p)
 
 
 def main(argv=None):
