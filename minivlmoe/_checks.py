@@ -14,11 +14,20 @@ import scipy.sparse as sp
 
 
 def shorten(value, limit=200):
-    """``repr(value)`` cut to about ``limit`` characters, for echoing into messages."""
-    text = value if isinstance(value, str) else repr(value)
+    """``value`` (a str as is, anything else as its ``repr``) on one line (runs of white
+    space folded to one space) and cut to about ``limit`` characters, for echoing into
+    messages."""
+    text = " ".join((value if isinstance(value, str) else repr(value)).split())
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def error_line(error):
+    """An exception as one line for a message: ``"<Type>: <text>"`` (white space folded,
+    cut by :func:`shorten`), or just the type when it has no text."""
+    text = shorten(str(error))
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def check_bool(name, value):

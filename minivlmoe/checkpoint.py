@@ -59,6 +59,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
+from ._checks import error_line
 from .atomic import atomic_write
 
 FORMAT = "minivlmoe-checkpoint"
@@ -96,8 +97,9 @@ class Checkpoint(NamedTuple):
 
 # ----------------------------------------------------------------------------- saving
 
-def _json_default(value):
-    """Let NumPy scalars and small arrays (e.g. an MT19937 key) into the JSON manifest."""
+def json_default(value):
+    """The ``default`` of ``json.dumps``: NumPy scalars and small arrays (e.g. an MT19937
+    key) into the JSON manifest (and rng_state's comparison of generator states)."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
@@ -108,7 +110,7 @@ def _json_default(value):
 def _to_json(name, value):
     """Return ``value`` after a JSON round trip, or raise TypeError naming ``name``."""
     try:
-        return json.loads(json.dumps(value, default=_json_default, allow_nan=False))
+        return json.loads(json.dumps(value, default=json_default, allow_nan=False))
     except (TypeError, ValueError) as e:
         raise TypeError(f"{name} must be JSON-serializable (dicts with str keys, lists, "
                         f"finite numbers, strings, bools, None): {e}") from None
@@ -217,11 +219,6 @@ def save(path, *, params, opt_state, step, config, rng_state, extra=None):
 
 # ----------------------------------------------------------------------------- loading
 
-def _one_line(error):
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 def _read_member(npz, name, fail):
     """Read one array; any failure to decode the bytes means a corrupted file.
 
@@ -236,7 +233,7 @@ def _read_member(npz, name, fail):
         if isinstance(e, ValueError) and "allow_pickle" in str(e):
             fail(f"array {name!r} holds pickled Python objects; refused "
                  "(checkpoints are loaded with allow_pickle=False)")
-        fail(f"array {name!r} cannot be read, the file is corrupted ({_one_line(e)})")
+        fail(f"array {name!r} cannot be read, the file is corrupted ({error_line(e)})")
     if not isinstance(array, np.ndarray):   # numpy returns raw bytes without the .npy magic
         fail(f"member {name!r} is not a .npy array, the file is corrupted")
     return array
@@ -251,7 +248,7 @@ def _read_manifest(npz, fail):
     try:
         manifest = json.loads(raw.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        fail(f"the manifest is not valid JSON ({_one_line(e)})")
+        fail(f"the manifest is not valid JSON ({error_line(e)})")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         fail(f"the manifest does not declare format {FORMAT!r}")
     version = manifest.get("version")
@@ -307,7 +304,7 @@ def _csr(record, arrays, fail):
         W.data, W.indices, W.indptr = data, indices, indptr
         W.check_format(full_check=True)
     except (ValueError, TypeError) as e:
-        fail(f"sparse weight {where!r} is not a valid CSR array ({_one_line(e)})")
+        fail(f"sparse weight {where!r} is not a valid CSR array ({error_line(e)})")
     rows = np.repeat(np.arange(shape[0]), np.diff(indptr))      # (nnz,) row of each entry
     same_row = rows[1:] == rows[:-1]                             # (nnz-1,)
     canonical = not np.any(same_row & (indices[1:] <= indices[:-1]))
@@ -416,7 +413,7 @@ def load(path, expected_config=None):
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError as e:
-        fail(f"cannot be read ({e.strerror or _one_line(e)})")
+        fail(f"cannot be read ({e.strerror or error_line(e)})")
     if not head:
         fail("the file is empty")
     if head != b"PK\x03\x04":
@@ -424,7 +421,7 @@ def load(path, expected_config=None):
     try:
         npz = np.load(path, allow_pickle=False)
     except Exception as e:  # noqa: BLE001 - the zip reader's errors on damaged bytes vary
-        fail(f"truncated or corrupted zip archive ({_one_line(e)})")
+        fail(f"truncated or corrupted zip archive ({error_line(e)})")
     with npz:
         manifest = _read_manifest(npz, fail)
         arrays = _verified_arrays(npz, manifest, fail)
@@ -436,7 +433,7 @@ def load(path, expected_config=None):
         try:
             trees[name] = _build_tree(records, arrays, fail)
         except (KeyError, TypeError, IndexError, AttributeError) as e:
-            fail(f"malformed manifest: bad leaf record in {name!r} ({_one_line(e)})")
+            fail(f"malformed manifest: bad leaf record in {name!r} ({error_line(e)})")
     if expected_config is not None:
         diffs = _config_diff(manifest["config"], expected_config)
         if diffs:

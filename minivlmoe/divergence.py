@@ -46,18 +46,11 @@ import sys
 
 import numpy as np
 
+from ._checks import shorten
+
 DIVERGENCE_FACTOR = 10.0    # a step's total loss above this many times the reference ...
 DIVERGENCE_WINDOW = 20      # ... the lowest mean of this many consecutive step losses
 CLIP_WARN_RATIO = 1000.0    # warn when most steps' grad norm exceed this x max_grad_norm
-_SHOW = 200                 # characters of an echoed value in a message
-
-
-def short_line(text):
-    """``text`` on one line, cut to ``_SHOW`` characters (a value echoed into a message)."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= _SHOW else text[:_SHOW - 3] + "..."
-
-
 class TrainingDiverged(FloatingPointError):
     """Training stopped because the loss diverged (the module docstring).
 
@@ -85,7 +78,7 @@ class DivergenceCheck:
         """None if the step's losses keep the rule, else what is wrong (one line)."""
         bad = [f"{k}={v}" for k, v in losses.items() if not math.isfinite(v)]
         if bad:
-            return f"non-finite loss ({short_line(', '.join(bad))})"
+            return f"non-finite loss ({shorten(', '.join(bad))})"
         total = losses["total"]
         if self.best > 0 and total > DIVERGENCE_FACTOR * self.best:
             return (f"total loss {total:.4g} > {DIVERGENCE_FACTOR:g} x {self.best:.4g}, "

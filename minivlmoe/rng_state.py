@@ -15,7 +15,8 @@ import json
 import numpy as np
 
 # the manifest's JSON of NumPy values, and the one-line form of an error
-from .checkpoint import _json_default, _one_line
+from ._checks import error_line
+from .checkpoint import json_default
 
 _BIT_GENERATORS = ("PCG64", "PCG64DXSM", "Philox", "SFC64", "MT19937")
 
@@ -36,10 +37,10 @@ def restore_rng(rng_state):
     try:
         bit_generator.state = rng_state
     except (TypeError, ValueError, KeyError, OverflowError) as e:
-        raise ValueError(f"rng_state is not a valid {name} state ({_one_line(e)})") from None
+        raise ValueError(f"rng_state is not a valid {name} state ({error_line(e)})") from None
     # NumPy converts what it is given (1.5 -> 1, True -> 1): the state read back must be
     # the state given, or the generator would silently draw another sequence
-    given, got = (json.dumps(s, default=_json_default, sort_keys=True)
+    given, got = (json.dumps(s, default=json_default, sort_keys=True)
                   for s in (rng_state, bit_generator.state))
     if given != got or rng_state.get("has_uint32", 0) not in (0, 1):
         raise ValueError(f"rng_state is not a valid {name} state (a value has the wrong "

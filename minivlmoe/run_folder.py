@@ -27,6 +27,7 @@ import json
 import os
 
 from . import atomic, checkpoint
+from ._checks import error_line
 
 CKPT_NAME = "ckpt.npz"
 METRICS_NAME = "metrics.jsonl"
@@ -118,7 +119,7 @@ def read_jsonl(path):
             if n == lines[-1][0]:
                 break                                            # torn by a crash: dropped
             raise MetricsError(f"{path}: line {n} of {lines[-1][0]} is not valid JSON "
-                               f"({type(e).__name__}: {e}); only a torn last line can be "
+                               f"({error_line(e)}); only a torn last line can be "
                                f"dropped") from None
         step = record.get("step") if isinstance(record, dict) else None
         if isinstance(step, bool) or not isinstance(step, int):

@@ -21,7 +21,7 @@ import os
 
 from . import model, model_config, optim
 from .model_config import EXPERT_MODES
-from ._checks import check_choice, check_float, check_int
+from ._checks import check_choice, check_float, check_int, error_line
 from .scenes import grammar_words, max_caption_words
 from .tokenizer import Tokenizer
 from .userdata import DataError, open_source, resolve
@@ -236,7 +236,7 @@ def parse_run_config(d):
         return (model_config.ModelConfig.from_dict(d["model"]), TrainConfig.from_dict(d["train"]),
                 Tokenizer.from_dict(d["tokenizer"]))
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"invalid run config ({type(e).__name__}: {e})") from None
+        raise ValueError(f"invalid run config ({error_line(e)})") from None
 
 
 def make_data(train_cfg, image_size):

@@ -56,10 +56,9 @@ from typing import NamedTuple
 import numpy as np
 
 from . import checkpoint, evaluate, model, model_config, optim
-from ._checks import check_bool, check_int
+from ._checks import check_bool, check_int, error_line, shorten
 from .data import minibatch_indices
-from .divergence import (ClipMonitor, DivergenceCheck, TrainingDiverged, blew_up, non_finite,
-                         short_line)
+from .divergence import ClipMonitor, DivergenceCheck, TrainingDiverged, blew_up, non_finite
 from .progress import Progress
 from .rng_state import restore_rng
 from .run_checkpoint import load_checkpoint
@@ -188,7 +187,7 @@ def _resumed_state(path, config, train_cfg, n_train):
     except (KeyError, TypeError, ValueError) as e:
         raise checkpoint.CheckpointError(
             f"checkpoint {os.fspath(path)}: no valid training state to resume from "
-            f"({type(e).__name__}: {e})") from None
+            f"({error_line(e)})") from None
 
 
 def _eval_record(state, model_cfg, train_cfg, test, tokenizer, *, lr, elapsed, decode):
@@ -333,7 +332,7 @@ def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_a
             if state.step == 0 or not blew_up(e):    # initial parameters: not divergence
                 raise
             raise diverged(state.step + 1, "the forward pass failed on the updated "
-                           f"parameters ({type(e).__name__}: {short_line(e)})") from e
+                           f"parameters ({error_line(e)})") from e
         with sections.section("optimizer"):
             info = optim.step(state.params, grads, state.opt_state, adamw)
         state.step += 1
@@ -360,11 +359,11 @@ def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_a
                 if not blew_up(e):
                     raise
                 raise diverged(state.step, "the evaluation failed on the updated "
-                               f"parameters ({type(e).__name__}: {short_line(e)})") from e
+                               f"parameters ({error_line(e)})") from e
             bad = non_finite(record)
             if bad:                               # never logged, never saved
                 raise diverged(state.step, "the evaluation gave non-finite values "
-                               f"({short_line(', '.join(bad))})")
+                               f"({shorten(', '.join(bad))})")
             evaluations.append(record)
             bar.evaluation(record)
             if out_dir is not None:

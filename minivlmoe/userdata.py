@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._checks import check_float, check_int
+from ._checks import check_float, check_int, error_line
 from .data import ImageCaptionDataset
 from .tokenizer import tokenize
 
@@ -238,8 +238,8 @@ def _read_folder(folder):
             with Image.open(os.path.join(folder, name)) as im:
                 images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))  # (R, R, 3)
         except OSError as e:
-            raise DataError(f"image {name!r} cannot be read ({type(e).__name__}: "
-                            f"{str(e)[:200]}) ({folder})") from None
+            raise DataError(f"image {name!r} cannot be read ({error_line(e)}) "
+                            f"({folder})") from None
         if images[-1].shape != images[0].shape:
             raise DataError(f"every image must have the size of {rows[0][0]!r} "
                             f"{images[0].shape[:2]}, got {images[-1].shape[:2]} for "
@@ -261,7 +261,7 @@ def _read_npz(path):
     try:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
-        fail(f"not a readable .npz file ({type(e).__name__}: {str(e)[:200]})")
+        fail(f"not a readable .npz file ({error_line(e)})")
     if not isinstance(z, np.lib.npyio.NpzFile):
         fail("not an .npz archive (a single .npy array?); save it with numpy.savez")
     with z:

@@ -408,5 +408,5 @@ def test_restore_rng_errors():
     for name in ("PCG64", "Philox", "SFC64", "MT19937"):
         g = np.random.Generator(getattr(np.random, name)(5))
         g.random(3)
-        s = json.loads(json.dumps(g.bit_generator.state, default=checkpoint._json_default))
+        s = json.loads(json.dumps(g.bit_generator.state, default=checkpoint.json_default))
         assert restore_rng(s).random() == g.random()
