@@ -144,8 +144,8 @@ def cmd_train(args):
         try:                                # the arguments first, then the folder
             model_cfg, train_cfg = runs.preset_configs(preset, **model_kw, **overrides,
                                                        data=data, patch=args.patch)
-        except DataError:
-            raise
+        except DataError:                   # a ValueError, but the file's fault: one line,
+            raise                           # exit 1 (cli.main), not a usage error
         except (TypeError, ValueError) as e:
             args.parser.error(str(e))                                   # exit status 2
         if os.path.exists(out) and not os.path.isdir(out):
