@@ -1,7 +1,7 @@
 """A run's configuration: TrainConfig, the presets, and the data a run trains on.
 
-A run is a (ModelConfig, TrainConfig, Tokenizer) triple.  :data:`PRESETS` names three
-(tiny, default, large); :func:`preset_configs` builds one with overrides, and
+A run is a (ModelConfig, TrainConfig, Tokenizer) triple.  :data:`PRESETS` names four
+(tiny, default, large, scaling); :func:`preset_configs` builds one with overrides, and
 :func:`make_data` draws its train and test splits from the built-in world
 (:func:`minivlmoe.world.make_splits` with ``train_cfg.data_seed``).  A run on its own
 data takes its sizes and vocabulary from the data (:func:`fit_to_data`) and finds it
@@ -117,6 +117,14 @@ PRESETS = {
                    embed_dim=96, patch=8),
               dict(steps=6000, batch_size=96, lr=1.5e-3, warmup_steps=200, eval_every=1000,
                    n_train=16384, n_test=1024, max_objects=3)),
+    # The scaling study's regime (docs/experiments.md): the default model with an MoE
+    # FFN in every layer (modality mode: the top layer is the dense fusion layer), on
+    # the three-object world with 65536 training pairs (1200 x 64 draws: 1.17 epochs,
+    # most pairs are seen once), so that no model can overfit its training set.
+    "scaling": (dict(width=64, heads=4, layers=4, mlp_hidden=128, num_experts=8,
+                     embed_dim=64, patch=8, moe_every=1),
+                dict(steps=1200, batch_size=64, lr=3e-3, warmup_steps=60, eval_every=600,
+                     n_train=65536, n_test=512, max_objects=3)),
 }
 
 

@@ -94,7 +94,7 @@ def test_train_config_rejects_bad_values(field, value):
 
 
 def test_preset_configs_names_and_overrides():
-    assert set(runs.PRESETS) == {"tiny", "default", "large"}
+    assert set(runs.PRESETS) == {"tiny", "default", "large", "scaling"}
     mcfg, tcfg = runs.preset_configs("tiny", experts="dense", dtype="float64", steps=7)
     assert (mcfg.experts, mcfg.dtype, tcfg.steps) == ("dense", "float64", 7)
     with pytest.raises(ValueError, match="preset"):
