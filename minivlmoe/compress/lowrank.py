@@ -24,8 +24,9 @@ token (the default preset: 245,760 of its 268,032 stored weight entries; 131,072
 
 Rank
 ----
-``rank=R``: the same rank for every chosen weight; ``R`` must be in ``[1, min(in, out)]``
-for each of them (a ValueError names the first one outside).  ``energy=e``: per layer
+``rank=R``: the same rank for every chosen weight, clipped to each weight's
+``min(in, out)`` (its full rank); ``R`` must be in ``[1, max min(in, out)]`` over the
+chosen weights (beyond it no weight would take the rank; a ValueError says so).  ``energy=e``: per layer
 the smallest rank whose singular values keep ``sum_{i<r} s_i^2 >= e sum_i s_i^2``
 (the fraction of the squared Frobenius norm).  A layer is factored even when
 ``r (in + out) >= in out`` (it then saves nothing; the report's ``saves`` says so).
@@ -95,7 +96,8 @@ def lowrank_params(params, model_cfg, *, rank=None, energy=None):
     ----------
     params : the model's parameter tree (minivlmoe.model.init / a checkpoint); not modified.
     model_cfg : its ModelConfig.
-    rank : int >= 1, the rank of every chosen weight; or
+    rank : int in [1, max min(in, out)], the rank of every chosen weight (clipped to
+        each weight's min(in, out)); or
     energy : float in (0, 1], the per-layer rank keeping that fraction of sum s^2.
         Exactly one of the two.
 
@@ -110,15 +112,17 @@ def lowrank_params(params, model_cfg, *, rank=None, energy=None):
     if (rank is None) == (energy is None):
         raise ValueError(f"exactly one of rank and energy must be given, got rank={rank!r}, "
                          f"energy={energy!r}")
-    if rank is not None:
-        rank = check_int("rank", rank, 1)
-    else:
-        energy = check_float("energy", energy, 0.0, 1.0, low_open=True)
     layers = dict(_layers(params))
     paths = eligible_paths(params)
     if not paths:
         raise ValueError("params have no unfactored attention or FFN weight to factor "
                          f"(already factored: {len(model_cfg.lowrank)} layer(s))")
+    if rank is not None:
+        top = max(min(layers[path]["W"].shape) for path in paths)
+        rank = check_int(f"rank (at most the largest min(in, out) of the factored "
+                         f"weights, {top})", rank, 1, top)
+    else:
+        energy = check_float("energy", energy, 0.0, 1.0, low_open=True)
     ranks, report = {}, []
     for path in paths:
         W = layers[path]["W"]
@@ -126,8 +130,7 @@ def lowrank_params(params, model_cfg, *, rank=None, energy=None):
         top = min(d_in, d_out)
         s = lowrank_linear.singular_values(W)                    # (min(in, out),)
         if rank is not None:
-            r = check_int(f"rank (for {path}, W {d_out}x{d_in}, at most min(in, out))",
-                          rank, 1, top)
+            r = min(rank, top)                                   # clipped to full rank
         else:
             r = energy_rank(s, energy)
         ranks[path] = r
