@@ -61,7 +61,7 @@ def encode_images(params, cfg, images, *, batch_size=BATCH_SIZE):
         modality = np.full(x.shape[0] * x.shape[1], sequence.IMAGE,
                            dtype=np.int64)                         # (b*(1+P),)
         h, _, _, _ = tower.forward(x, None, modality, None, params, cfg)  # (b, 1+P, D)
-        z, _ = linear.forward(h[:, 0], params["img_proj"])  # (b, De)
+        z, _ = linear.forward(h[:, 0], params["img_proj"])     # (b, De)
         emb, _ = l2norm.forward(z)                                 # (b, De)
         return emb
 
@@ -83,7 +83,7 @@ def encode_texts(params, cfg, ids, *, pad_id, batch_size=BATCH_SIZE):
         rows = np.flatnonzero(valid.reshape(-1))                   # (U,)
         h, _, _, _ = tower.forward(x, mask, modality, rows, params, cfg)  # (b, T, D)
         pooled = h[np.arange(b), sequence.last_valid(valid)]       # (b, D)
-        z, _ = linear.forward(pooled, params["txt_proj"])   # (b, De)
+        z, _ = linear.forward(pooled, params["txt_proj"])      # (b, De)
         emb, _ = l2norm.forward(z)                                 # (b, De)
         return emb
 

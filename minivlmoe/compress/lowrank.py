@@ -80,11 +80,11 @@ def eligible_paths(params):
 
 def energy_rank(s, energy):
     """The smallest r >= 1 with ``sum(s[:r]**2) >= energy * sum(s**2)`` (s decreasing)."""
-    sq = np.asarray(s, dtype=np.float64) ** 2                    # (m,)
+    sq = np.asarray(s, dtype=np.float64) ** 2                    # squared, decreasing
     total = sq.sum()
     if total == 0.0:
         return 1
-    kept = np.cumsum(sq) / total                                 # (m,) non-decreasing
+    kept = np.cumsum(sq) / total                                 # kept fractions, rising
     # a 1e-12 slack so that energy=1.0 is reached despite the cumsum's rounding
     return int(min(np.searchsorted(kept, energy - 1e-12) + 1, len(sq)))
 
@@ -128,7 +128,7 @@ def lowrank_params(params, model_cfg, *, rank=None, energy=None):
         W = layers[path]["W"]
         d_out, d_in = W.shape
         top = min(d_in, d_out)
-        s = lowrank_linear.singular_values(W)                    # (min(in, out),)
+        s = lowrank_linear.singular_values(W)                    # decreasing, min(in, out) of them
         if rank is not None:
             r = min(rank, top)                                   # clipped to full rank
         else:
