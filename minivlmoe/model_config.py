@@ -145,6 +145,12 @@ class ModelConfig:
             check_int(f"lowrank[{path!r}]", rank, 1)
         object.__setattr__(self, "lowrank", dict(sorted(self.lowrank.items())))
 
+    def __hash__(self):
+        """Hashable like a frozen dataclass of hashable fields (``lowrank`` as its sorted
+        items)."""
+        return hash(tuple(tuple(v.items()) if isinstance(v, dict) else v
+                          for v in (getattr(self, f.name) for f in dataclasses.fields(self))))
+
     # derived sizes
     @property
     def num_patches(self):

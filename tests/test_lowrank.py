@@ -155,6 +155,8 @@ def test_model_config_lowrank_round_trip_and_defaults():
     assert model_config.ModelConfig.from_dict(d) == f
     with pytest.raises(ValueError, match=r"lowrank\['blocks.0.attn.q'\] must be in \[1"):
         dataclasses.replace(cfg, lowrank={"blocks.0.attn.q": 0})
+    same = dataclasses.replace(cfg, lowrank={"blocks.0.attn.k": 3, "blocks.1.attn.q": 2})
+    assert same == f and hash(same) == hash(f) and hash(cfg) != hash(f)   # still hashable
     with pytest.raises(TypeError, match="lowrank must be a dict"):
         dataclasses.replace(cfg, lowrank=[("blocks.0.attn.q", 2)])
 
