@@ -95,8 +95,8 @@ def main(argv=None):
     measure(f"{'unfactored' if args.control else 'factored'} + {args.steps} steps", params,
             fcfg)
     t = lowrank.totals(report)
-    out = {"run": args.run, "control": args.control, "rank": args.rank, "energy": args.energy, "steps": args.steps,
-           "lr": args.lr, "params_ratio": t["params_ratio"], "totals": t, "stages": stages}
+    out = {"run": args.run, "control": args.control, "rank": args.rank, "energy": args.energy,
+           "steps": args.steps, "lr": args.lr, "params_ratio": t["params_ratio"], "totals": t, "stages": stages}
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=2)

@@ -116,8 +116,9 @@ def factor_tree(params, ranks):
             node = node[key]
         layer = node.get(last) if isinstance(node, dict) else None
         if not isinstance(layer, dict) or "W" not in layer:
+            got = sorted(layer) if isinstance(layer, dict) else type(layer).__name__
             raise ValueError(f"lowrank path {path!r} must name a linear layer with params "
-                             f"{{'W', 'b'}}, got {sorted(layer) if isinstance(layer, dict) else type(layer).__name__}")
+                             f"{{'W', 'b'}}, got {got}")
         d_out, d_in = layer["W"].shape
         try:
             node[last] = from_dense(layer, rank)
