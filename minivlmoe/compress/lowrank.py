@@ -28,8 +28,9 @@ Rank
 ``min(in, out)`` (its full rank); ``R`` must be in ``[1, max min(in, out)]`` over the
 chosen weights (beyond it no weight would take the rank; a ValueError says so).
 ``energy=e``: per layer the smallest rank whose singular values keep
-``sum_{i<r} s_i^2 >= e sum_i s_i^2`` (the fraction of the squared Frobenius norm).  A layer is factored even when
-``r (in + out) >= in out`` (it then saves nothing; the report's ``saves`` says so).
+``sum_{i<r} s_i^2 >= e sum_i s_i^2`` (the fraction of the squared Frobenius norm).
+A layer is factored even when ``r (in + out) >= in out`` (it then saves nothing; the
+report's ``saves`` says so).
 
 Report (one dict per factored layer)
 ------------------------------------
