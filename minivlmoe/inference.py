@@ -37,7 +37,7 @@ import numpy as np
 from ._checks import check_int, check_params
 from .model import PARAM_KEYS
 from .model_config import check_config
-from .ops import l2norm, patch_embed, sparse_linear, token_embed
+from .ops import l2norm, linear, patch_embed, token_embed
 from . import model, sequence, tower
 
 BATCH_SIZE = 256
@@ -61,7 +61,7 @@ def encode_images(params, cfg, images, *, batch_size=BATCH_SIZE):
         modality = np.full(x.shape[0] * x.shape[1], sequence.IMAGE,
                            dtype=np.int64)                         # (b*(1+P),)
         h, _, _, _ = tower.forward(x, None, modality, None, params, cfg)  # (b, 1+P, D)
-        z, _ = sparse_linear.forward(h[:, 0], params["img_proj"])  # (b, De)
+        z, _ = linear.forward(h[:, 0], params["img_proj"])     # (b, De)
         emb, _ = l2norm.forward(z)                                 # (b, De)
         return emb
 
@@ -83,7 +83,7 @@ def encode_texts(params, cfg, ids, *, pad_id, batch_size=BATCH_SIZE):
         rows = np.flatnonzero(valid.reshape(-1))                   # (U,)
         h, _, _, _ = tower.forward(x, mask, modality, rows, params, cfg)  # (b, T, D)
         pooled = h[np.arange(b), sequence.last_valid(valid)]       # (b, D)
-        z, _ = sparse_linear.forward(pooled, params["txt_proj"])   # (b, De)
+        z, _ = linear.forward(pooled, params["txt_proj"])      # (b, De)
         emb, _ = l2norm.forward(z)                                 # (b, De)
         return emb
 
@@ -119,7 +119,7 @@ def greedy_decode(params, cfg, images, *, bos_id, eos_id, pad_id, max_len,
                                     pad_id)                        # (b, 1+P+t, D)
             h, _, _, _ = tower.forward(seq.x, seq.mask, seq.modality, seq.rows, params,
                                        cfg)                        # (b, S, D)
-            logits, _ = sparse_linear.forward(h[:, -1], params["lm_head"])  # (b, V)
+            logits, _ = linear.forward(h[:, -1], params["lm_head"])  # (b, V)
             logits[:, [pad_id, bos_id]] = -np.inf                  # never generated
             nxt = np.argmax(logits, axis=1)                        # (b,)
             out[:, t] = np.where(done, pad_id, nxt)

@@ -51,8 +51,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .ops import (attention, contrastive, cross_entropy, ffn, l2norm, layernorm, patch_embed,
-                  sparse_linear, token_embed)
+from .ops import (attention, contrastive, cross_entropy, ffn, l2norm, layernorm, linear,
+                  lowrank_linear, patch_embed, sparse_linear, token_embed)
 from .moe import aux_losses, moe_layer
 from ._checks import check_bool, check_cache, check_grad, check_params
 from . import sequence, tower
@@ -73,7 +73,10 @@ def init(rng, cfg):
     -------
     params : {"patch": {"proj", "cls", "pos"}, "text": {"tok", "pos"},
               "blocks": {"0": {"ln1", "attn", "ln2", "ffn" | "moe"}, ...},
-              "ln_f", "img_proj", "txt_proj", "log_logit_scale" (shape ()), "lm_head"}
+              "ln_f", "img_proj", "txt_proj", "log_logit_scale" (shape ()), "lm_head"};
+        every linear layer is ``{"W", "b"}``, or ``{"A", "B", "b"}`` (the truncated SVD
+        of its initial weight, minivlmoe/ops/lowrank_linear.py) at the dotted paths of
+        ``cfg.lowrank``.  The generator draws the same numbers either way.
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
@@ -102,6 +105,8 @@ def init(rng, cfg):
     params["txt_proj"] = sparse_linear.init(rng, D, cfg.embed_dim, cfg.density, dt)
     params["log_logit_scale"] = np.array(contrastive.LOG_LOGIT_SCALE_INIT, dtype=dt)
     params["lm_head"] = sparse_linear.init(rng, D, cfg.vocab_size, cfg.density, dt)
+    if cfg.lowrank:                         # factored layers: the truncated SVD of each init
+        params = lowrank_linear.factor_tree(params, cfg.lowrank)
     return params
 
 
@@ -115,7 +120,8 @@ class Cache(NamedTuple):
     cfg : ModelConfig.
     embed : sequence.EmbedCache (its ``layout`` holds the segment lengths).
     tower : tower.Cache.
-    img_proj, img_norm, txt_proj, txt_norm, contrastive : retrieval head caches (or None).
+    img_proj, img_norm, txt_proj, txt_norm, contrastive : retrieval head caches (or None);
+        the projections' and ``lm_head``'s are linear caches (minivlmoe/ops/linear.py).
     txt_last : (B,) position of the pooled retrieval-text token inside its segment.
     lm_head, caption : captioning head caches (or None).
     params : the params (for the zero gradients of unused heads).
@@ -124,13 +130,13 @@ class Cache(NamedTuple):
     cfg: ModelConfig
     embed: sequence.EmbedCache
     tower: tower.Cache
-    img_proj: sparse_linear.Cache | None
+    img_proj: sparse_linear.Cache | lowrank_linear.Cache | None
     img_norm: l2norm.Cache | None
-    txt_proj: sparse_linear.Cache | None
+    txt_proj: sparse_linear.Cache | lowrank_linear.Cache | None
     txt_norm: l2norm.Cache | None
     contrastive: contrastive.Cache | None
     txt_last: np.ndarray | None
-    lm_head: sparse_linear.Cache | None
+    lm_head: sparse_linear.Cache | lowrank_linear.Cache | None
     caption: cross_entropy.Cache | None
     params: dict
 
@@ -186,15 +192,15 @@ def forward(params, cfg, images, ids, *, pad_id, keys=None, rng=None, train=Fals
             img_pool = h[:, 0]                                     # (B, D) final cls
             txt_last = sequence.last_valid(ids != pad_id)          # (B,)
             txt_pool = h[np.arange(B), layout.retrieval_slice.start + txt_last]  # (B, D) eos
-            img_z, c_ip = sparse_linear.forward(img_pool, params["img_proj"])  # (B, De)
+            img_z, c_ip = linear.forward(img_pool, params["img_proj"])  # (B, De)
             img_emb, c_in = l2norm.forward(img_z)                  # (B, De)
-            txt_z, c_tp = sparse_linear.forward(txt_pool, params["txt_proj"])  # (B, De)
+            txt_z, c_tp = linear.forward(txt_pool, params["txt_proj"])  # (B, De)
             txt_emb, c_tn = l2norm.forward(txt_z)                  # (B, De)
             losses["contrastive"], c_con = contrastive.forward(
                 img_emb, txt_emb, params["log_logit_scale"], positives)
         if use_cap:
             h_cap = h[:, layout.caption_slice]                     # (B, T-1, D)
-            logits, c_lm = sparse_linear.forward(h_cap, params["lm_head"])  # (B, T-1, V)
+            logits, c_lm = linear.forward(h_cap, params["lm_head"])  # (B, T-1, V)
             losses["caption"], c_ce = cross_entropy.forward(logits, ids[:, 1:], pad_id)
     losses["aux"] = float(aux_total)
     losses["total"] = (cfg.contrastive_weight * losses["contrastive"]
@@ -235,16 +241,16 @@ def backward(dtotal, cache, *, timer=NULL_TIMER):
         if cache.caption is not None:
             dlogits = cross_entropy.backward(dtotal * cfg.caption_weight,
                                              cache.caption)        # (B, T-1, V)
-            dh_cap, grads["lm_head"] = sparse_linear.backward(dlogits, cache.lm_head)
+            dh_cap, grads["lm_head"] = linear.backward(dlogits, cache.lm_head)
             dh[:, layout.caption_slice] = dh_cap                   # (B, T-1, D)
         # total = contrastive_weight * contrastive + ...
         if cache.contrastive is not None:
             dimg_emb, dtxt_emb, grads["log_logit_scale"] = contrastive.backward(
                 dtotal * cfg.contrastive_weight, cache.contrastive)  # (B, De) x2, ()
             dtxt_z = l2norm.backward(dtxt_emb, cache.txt_norm)     # (B, De)
-            dtxt_pool, grads["txt_proj"] = sparse_linear.backward(dtxt_z, cache.txt_proj)
+            dtxt_pool, grads["txt_proj"] = linear.backward(dtxt_z, cache.txt_proj)
             dimg_z = l2norm.backward(dimg_emb, cache.img_norm)     # (B, De)
-            dimg_pool, grads["img_proj"] = sparse_linear.backward(dimg_z, cache.img_proj)
+            dimg_pool, grads["img_proj"] = linear.backward(dimg_z, cache.img_proj)
             eos = layout.retrieval_slice.start + cache.txt_last    # (B,) eos rows
             dh[np.arange(B), eos] += dtxt_pool                     # (B, D)
             dh[:, 0] += dimg_pool                                  # (B, D) cls rows

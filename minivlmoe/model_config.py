@@ -60,6 +60,10 @@ class ModelConfig:
         true, so such a run loads as it was trained.
     caption_weight, contrastive_weight : weights of the two objectives (>= 0, not both 0).
     dtype : "float32" or "float64".
+    lowrank : {dotted param path of a linear layer (e.g. "blocks.0.attn.q"): rank r >= 1}:
+        the layers stored as two factors ``B A`` of rank r (minivlmoe/ops/lowrank_linear.py;
+        made by minivlmoe/compress/lowrank.py).  Empty (the default): none; kept out of
+        :meth:`to_dict` when empty, so config.json of an unfactored run is unchanged.
     """
 
     image_size: int = 32
@@ -94,6 +98,7 @@ class ModelConfig:
     caption_weight: float = 1.0
     contrastive_weight: float = 1.0
     dtype: str = "float32"
+    lowrank: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         for name, low in (("image_size", 1), ("patch", 1), ("channels", 1), ("vocab_size", 4),
@@ -131,6 +136,20 @@ class ModelConfig:
                            check_bool("task_blind_top1", self.task_blind_top1))
         moe_config.resolve_renormalize(self.renormalize, self.top_k, self.task_blind_top1)
         check_choice("dtype", self.dtype, {"float32", "float64"})
+        if not isinstance(self.lowrank, dict):
+            raise TypeError(f"lowrank must be a dict {{param path: rank}}, got "
+                            f"{type(self.lowrank).__name__}")
+        for path, rank in self.lowrank.items():
+            if not isinstance(path, str) or not path:
+                raise TypeError(f"lowrank keys must be dotted param paths (str), got {path!r}")
+            check_int(f"lowrank[{path!r}]", rank, 1)
+        object.__setattr__(self, "lowrank", dict(sorted(self.lowrank.items())))
+
+    def __hash__(self):
+        """Hashable like a frozen dataclass of hashable fields (``lowrank`` as its sorted
+        items)."""
+        return hash(tuple(tuple(v.items()) if isinstance(v, dict) else v
+                          for v in (getattr(self, f.name) for f in dataclasses.fields(self))))
 
     # derived sizes
     @property
@@ -173,12 +192,16 @@ class ModelConfig:
                           "entropy_global")})
 
     def to_dict(self):
-        """A JSON-able dict of every field but ``task_blind_top1``, which is implied:
+        """A JSON-able dict of every field but ``task_blind_top1`` (and ``lowrank`` when
+        it is empty, so an unfactored run writes the config.json it wrote before the field
+        existed; :meth:`from_dict` defaults it).  ``task_blind_top1`` is implied:
         it is True exactly when top_k is 1 and renormalize is True (the only configs
         that may set it), so a run with it writes the same dict a run saved before the
         flag existed did, and both load (and resume) alike."""
         d = dataclasses.asdict(self)
         del d["task_blind_top1"]
+        if not d["lowrank"]:
+            del d["lowrank"]                        # unfactored: as before the field existed
         return d
 
     @classmethod

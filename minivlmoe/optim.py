@@ -27,7 +27,8 @@ optimizer never sees, stores or creates an entry outside the pattern.
 Which leaves decay
 ------------------
 :func:`decays` decides from the leaf's dotted path (as made by
-:func:`minivlmoe.tree.flatten`): weight matrices (last key ``"W"``) and token
+:func:`minivlmoe.tree.flatten`): weight matrices (last key ``"W"``), the two factors
+of a low-rank layer (``"A"``, ``"B"``, minivlmoe/ops/lowrank_linear.py) and token
 embedding tables (last key ``"tok"``) decay; biases, layer-norm gains and shifts, the
 class and position embeddings, temperatures and every other leaf do not.
 """
@@ -43,7 +44,7 @@ import scipy.sparse as sp
 from ._checks import check_float, check_int
 from .tree import flatten, tree_map, with_values
 
-DECAYED_KEYS = ("W", "tok")  # last path component of the leaves that weight decay shrinks
+DECAYED_KEYS = ("W", "A", "B", "tok")  # last path component of the leaves that weight decay shrinks
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..ops import ffn
-from .._checks import (check_array, check_cache, check_csr, check_grad, check_int, check_params,
+from ..ops import ffn, linear
+from .._checks import (check_array, check_cache, check_grad, check_int, check_params,
                        check_same_dtype, shorten)
 from ..tree import zeros_like
 
@@ -76,12 +76,12 @@ def forward(xs, offsets, params):
                          f"offsets), got {shorten(got)}")
     for name in names:                                           # O(E): widths and dtypes
         check_params(f"params['{name}']", params[name], ("fc1", "fc2"))
-        check_params(f"params['{name}']['fc1']", params[name]["fc1"], ("W", "b"))
-        w1 = check_csr(f"params['{name}']['fc1']['W']", params[name]["fc1"]["W"])
-        if w1.shape[1] != xs.shape[1]:
-            raise ValueError(f"xs must have shape (M, D={w1.shape[1]}) (the width of "
-                             f"params['{name}']['fc1']['W']), got {xs.shape}")
-        check_same_dtype("xs", xs, f"params['{name}']['fc1']['W']", w1)
+        (_, d), w1_name, w1 = linear.check(f"params['{name}']['fc1']",
+                                           params[name]["fc1"])  # W or A B
+        if d != xs.shape[1]:
+            raise ValueError(f"xs must have shape (M, D={d}) (the width of "
+                             f"{w1_name}), got {xs.shape}")
+        check_same_dtype("xs", xs, w1_name, w1)
     ys = np.empty_like(xs, order="C")                            # (M, D)
     caches = []
     for e, name in enumerate(names):                             # loop over experts only
@@ -103,7 +103,8 @@ def backward(dys, cache):
     dparams : {"e0": ffn grads, ...}, keyed like the params.
     """
     check_cache(cache, Cache)
-    check_grad("dys", dys, cache.shape, cache.params["e0"]["fc1"]["W"].dtype)
+    _, _, w1 = linear.check("params['e0']['fc1']", cache.params["e0"]["fc1"])  # W or A
+    check_grad("dys", dys, cache.shape, w1.dtype)
     caches, offsets, params, shape = cache
     dxs = np.empty(shape, dtype=dys.dtype)                       # (M, D)
     dparams = {}

@@ -1,6 +1,8 @@
 """The building blocks, each a forward/backward pair derived in docs/ops/ (reading order).
 
 * ``sparse_linear`` -- ``y = x W^T + b`` with a CSR weight on a fixed pattern.
+* ``lowrank_linear`` -- ``y = (x A^T) B^T + b``: a weight as two factors (truncated SVD).
+* ``linear`` -- every linear layer: sparse_linear or lowrank_linear by the params' keys.
 * ``gelu`` -- the GELU activation (tanh form).
 * ``layernorm`` -- layer normalization over the feature axis.
 * ``softmax`` -- the stable softmax (masked entries at -inf give exact zeros) and logsumexp.

@@ -52,8 +52,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import softmax, sparse_linear
-from .._checks import (check_array, check_bool, check_cache, check_csr, check_grad, check_int,
+from . import linear, softmax, sparse_linear
+from .._checks import (check_array, check_bool, check_cache, check_grad, check_int,
                        check_params, check_same_dtype)
 
 PROJECTIONS = ("q", "k", "v", "o")
@@ -122,7 +122,7 @@ class Cache(NamedTuple):
 
     Fields
     ------
-    lin : dict {"q","k","v","o"} of sparse_linear.Cache (the projections' inputs).
+    lin : dict {"q","k","v","o"} of linear caches (sparse_linear or lowrank_linear) (the projections' inputs).
     q, k, v : (B, H, S, Dh) the projected, head-split queries, keys and values
         (q and k for dk and dq, v for dp).
     probs : (B, H, S, S) attention weights ``p`` (rows sum to 1 over allowed keys, are
@@ -186,20 +186,17 @@ def forward(x, params, heads, mask=None):
     heads = _check_heads(heads, D)
     check_params("params", params, PROJECTIONS)
     for name in PROJECTIONS:
-        check_params(f"params['{name}']", params[name], ("W", "b"))
-        check_csr(f"params['{name}']['W']", params[name]["W"])
-        W = params[name]["W"]
-        if W.shape != (D, D):
-            raise ValueError(f"params['{name}']['W'] must have shape (D, D)=({D}, {D}), "
-                             f"got {W.shape}")
-        check_same_dtype("x", x, f"params['{name}']['W']", W)
+        shape, w_name, W = linear.check(f"params['{name}']", params[name])  # W or A B
+        if shape != (D, D):
+            raise ValueError(f"{w_name} must have shape (D, D)=({D}, {D}), got {W.shape}")
+        check_same_dtype("x", x, w_name, W)
     if mask is not None:
         mask = _check_mask(mask, B, S)
     scale = 1.0 / float(np.sqrt(D // heads))                       # a Python float keeps float32
     lin = {}
-    q, lin["q"] = sparse_linear.forward(x, params["q"])            # (B, S, D)
-    k, lin["k"] = sparse_linear.forward(x, params["k"])            # (B, S, D)
-    v, lin["v"] = sparse_linear.forward(x, params["v"])            # (B, S, D)
+    q, lin["q"] = linear.forward(x, params["q"])                   # (B, S, D)
+    k, lin["k"] = linear.forward(x, params["k"])                   # (B, S, D)
+    v, lin["v"] = linear.forward(x, params["v"])                   # (B, S, D)
     q, k, v = (_split_heads(a, heads) for a in (q, k, v))          # (B, H, S, Dh) each
     scores = q @ k.transpose(0, 1, 3, 2)                           # (B, H, S, S)
     scores *= scale                                                # (B, H, S, S) in place
@@ -208,7 +205,7 @@ def forward(x, params, heads, mask=None):
         np.copyto(scores, -np.inf, where=~allowed)                 # (B, H, S, S) masked keys
     probs, _ = softmax.forward(scores, axis=-1)                    # (B, H, S, S) 0 where masked
     ctx = probs @ v                                                # (B, H, S, Dh)
-    y, lin["o"] = sparse_linear.forward(_merge_heads(ctx), params["o"])  # (B, S, D)
+    y, lin["o"] = linear.forward(_merge_heads(ctx), params["o"])         # (B, S, D)
     return y, Cache(lin=lin, q=q, k=k, v=v, probs=probs, scale=scale)
 
 
@@ -226,13 +223,13 @@ def backward(dy, cache):
     dparams : {"q","k","v","o"}, each {"W": csr_array with W's pattern, "b": (D,)}.
     """
     check_cache(cache, Cache)
-    o = cache.lin["o"]
-    check_grad("dy", dy, o.lead + (o.W.shape[0],), cache.q.dtype)
+    lead, d_out, _ = linear.output(cache.lin["o"])
+    check_grad("dy", dy, lead + (d_out,), cache.q.dtype)
     lin, q, k, v, p, scale = cache
     heads = q.shape[1]
     dparams = {}
     # y = o(merge(ctx))
-    dctx, dparams["o"] = sparse_linear.backward(dy, lin["o"])      # (B, S, D)
+    dctx, dparams["o"] = linear.backward(dy, lin["o"])             # (B, S, D)
     dctx = _split_heads(dctx, heads)                               # (B, H, S, Dh)
     # ctx = p @ v
     dp = dctx @ v.transpose(0, 1, 3, 2)                            # (B, H, S, S)
@@ -244,8 +241,8 @@ def backward(dy, cache):
     dq = dscores @ k                                               # (B, H, S, Dh)
     dk = dscores.transpose(0, 1, 3, 2) @ q                         # (B, H, S, Dh)
     # q, k, v = proj(x): x forks into three branches, their gradients add
-    dxq, dparams["q"] = sparse_linear.backward(_merge_heads(dq), lin["q"])  # (B, S, D)
-    dxk, dparams["k"] = sparse_linear.backward(_merge_heads(dk), lin["k"])  # (B, S, D)
-    dxv, dparams["v"] = sparse_linear.backward(_merge_heads(dv), lin["v"])  # (B, S, D)
+    dxq, dparams["q"] = linear.backward(_merge_heads(dq), lin["q"])         # (B, S, D)
+    dxk, dparams["k"] = linear.backward(_merge_heads(dk), lin["k"])         # (B, S, D)
+    dxv, dparams["v"] = linear.backward(_merge_heads(dv), lin["v"])         # (B, S, D)
     dx = dxq + dxk + dxv                                           # (B, S, D)
     return dx, {name: dparams[name] for name in PROJECTIONS}

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import gelu, sparse_linear
+from . import gelu, linear, sparse_linear
 from .._checks import check_cache, check_int, check_params
 
 
@@ -72,9 +72,9 @@ def forward(x, params):
     cache : Cache
     """
     check_params("params", params, ("fc1", "fc2"))
-    a, c1 = sparse_linear.forward(x, params["fc1"])             # (..., F)
+    a, c1 = linear.forward(x, params["fc1"])                    # (..., F)
     h, ca = gelu.forward(a)                                      # (..., F)
-    y, c2 = sparse_linear.forward(h, params["fc2"])             # (..., D)
+    y, c2 = linear.forward(h, params["fc2"])                    # (..., D)
     return y, Cache(fc1=c1, act=ca, fc2=c2)
 
 
@@ -92,7 +92,7 @@ def backward(dy, cache):
     dparams : {"fc1": {"W", "b"}, "fc2": {"W", "b"}}, keyed like the params.
     """
     check_cache(cache, Cache)
-    dh, dfc2 = sparse_linear.backward(dy, cache.fc2)            # (..., F)
+    dh, dfc2 = linear.backward(dy, cache.fc2)                   # (..., F)
     da = gelu.backward(dh, cache.act)                            # (..., F)
-    dx, dfc1 = sparse_linear.backward(da, cache.fc1)            # (..., D)
+    dx, dfc1 = linear.backward(da, cache.fc1)                   # (..., D)
     return dx, {"fc1": dfc1, "fc2": dfc2}

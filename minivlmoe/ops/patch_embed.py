@@ -33,8 +33,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import sparse_linear
-from .._checks import (check_array, check_cache, check_csr, check_dtype, check_grad, check_int,
+from . import linear, sparse_linear
+from .._checks import (check_array, check_cache, check_dtype, check_grad, check_int,
                        check_params, check_same_dtype, check_shape)
 
 
@@ -127,7 +127,7 @@ class Cache(NamedTuple):
 
     Fields
     ------
-    lin : sparse_linear.Cache of the projection (holds the patches, feature-major).
+    lin : linear cache (sparse_linear or lowrank_linear) of the projection (holds the patches, feature-major).
     patch : int, the patch side (to merge the patch gradients back into images).
     """
 
@@ -152,10 +152,8 @@ def forward(images, params, patch):
     """
     check_array("images", images, ndim=4, axes="(B, R, R, Ch)")
     check_params("params", params, ("proj", "cls", "pos"))
-    check_params("params['proj']", params["proj"], ("W", "b"))
-    check_csr("params['proj']['W']", params["proj"]["W"])
-    cls, pos, W = params["cls"], params["pos"], params["proj"]["W"]
-    D = W.shape[0]
+    (D, d_in), _, _ = linear.check("params['proj']", params["proj"])  # W or A B
+    cls, pos = params["cls"], params["pos"]
     check_array("params['cls']", cls, ndim=1, axes="(D,)")
     check_shape("params['cls']", cls, (D,), "(D,)")
     check_same_dtype("params['cls']", cls, "images", images)
@@ -163,12 +161,12 @@ def forward(images, params, patch):
     check_same_dtype("params['pos']", pos, "images", images)
     patches = extract_patches(images, patch)                       # (B, P, p*p*Ch)
     B, P, flat = patches.shape
-    if flat != W.shape[1]:
-        raise ValueError(f"images must have Ch = Din / patch² = {W.shape[1]}/{patch * patch} "
-                         f"channels for params['proj'] (Din={W.shape[1]}) and patch={patch}, "
+    if flat != d_in:
+        raise ValueError(f"images must have Ch = Din / patch² = {d_in}/{patch * patch} "
+                         f"channels for params['proj'] (Din={d_in}) and patch={patch}, "
                          f"got Ch={images.shape[3]}")
     check_shape("params['pos']", pos, (1 + P, D), "(1+P, D)")
-    z, lin = sparse_linear.forward(patches, params["proj"])        # (B, P, D)
+    z, lin = linear.forward(patches, params["proj"])               # (B, P, D)
     tokens = np.empty((B, 1 + P, D), dtype=images.dtype)           # (B, 1+P, D)
     tokens[:, 0] = cls                                             # (B, D) broadcast over B
     tokens[:, 1:] = z                                              # (B, P, D)
@@ -190,9 +188,8 @@ def backward(dtokens, cache):
     dparams : {"proj": {"W": csr_array with W's pattern, "b": (D,)}, "cls": (D,), "pos": (1+P, D)}
     """
     check_cache(cache, Cache)
-    B, P = cache.lin.lead
-    W = cache.lin.W
-    check_grad("dtokens", dtokens, (B, 1 + P, W.shape[0]), W.dtype)
+    (B, P), D, dtype = linear.output(cache.lin)
+    check_grad("dtokens", dtokens, (B, 1 + P, D), dtype)
     lin, patch = cache
     # tokens += pos  (pos broadcast over B)  ->  sum over B
     dpos = dtokens.sum(axis=0)                                     # (1+P, D)
@@ -201,7 +198,7 @@ def backward(dtokens, cache):
     # tokens[:, 1:] = z
     dz = dtokens[:, 1:]                                            # (B, P, D) view
     # z = proj(patches)
-    dpatches, dproj = sparse_linear.backward(dz, lin)              # (B, P, p*p*Ch)
+    dpatches, dproj = linear.backward(dz, lin)                     # (B, P, p*p*Ch)
     # patches = extract_patches(images)  ->  the inverse rearrange
     dimages = merge_patches(dpatches, patch)                       # (B, R, R, Ch)
     return dimages, {"proj": dproj, "cls": dcls, "pos": dpos}

@@ -4,12 +4,15 @@
   well-conditioned parameters and a random batch;
 * :func:`directional_case` -- a GradcheckCase checking one random directional derivative
   per parameter leaf (:func:`directional_leaves` names the coefficients);
+* :func:`lowrank_config` -- a tiny config with every linear layer but the routers factored;
 * :func:`gradcheck_cases` -- one case per expert mode, then the :data:`ROUTER_TASK`
-  cases (auxiliary losses off, so the router's gradient is the task's alone), for
-  ``minivlmoe gradcheck``.
+  cases (auxiliary losses off, so the router's gradient is the task's alone) and the
+  factored model, for ``minivlmoe gradcheck``.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import scipy.sparse as sp
@@ -40,6 +43,16 @@ def tiny_config(experts="shared", **overrides):
                 entropy_local=0.1, entropy_global=0.1, dtype="float64")
     base.update(overrides)
     return model_config.ModelConfig(**base)
+
+
+def lowrank_config(experts="shared", rank=3, **overrides):
+    """:func:`tiny_config` with every linear layer except the MoE routers factored at
+    ``rank`` (attention, FFNs, experts, the patch projection and the three heads)."""
+    cfg = tiny_config(experts, **overrides)
+    plain = model.init(np.random.default_rng(0), cfg)
+    paths = sorted({path.rsplit(".", 1)[0] for path in flatten(plain)
+                    if path.endswith(".W") and ".router." not in path})
+    return dataclasses.replace(cfg, lowrank={path: rank for path in paths})
 
 
 def tiny_params(rng, cfg):
@@ -166,6 +179,11 @@ def gradcheck_cases(rng):
         images, ids = tiny_batch(rng, cfg)
         cases.append(directional_case(name, params, cfg, images, ids,
                                       pad_id=0, keys=np.array([0, 1, 0]), rng=rng))
+    cfg = lowrank_config("shared")       # factored layers (A, B leaves) everywhere
+    params = tiny_params(rng, cfg)
+    images, ids = tiny_batch(rng, cfg)
+    cases.append(directional_case("model(experts=shared, lowrank rank 3)", params, cfg, images,
+                                  ids, pad_id=0, keys=np.array([0, 1, 0]), rng=rng))
     for where in ("image", "text"):       # VL-MoE's ablation: experts for one modality only
         cfg = tiny_config("modality", moe_modalities=where)
         params = tiny_params(rng, cfg)

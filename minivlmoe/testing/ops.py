@@ -12,8 +12,8 @@ import math
 import numpy as np
 
 from ..gradcheck import GradcheckCase
-from ..ops import (attention, contrastive, cross_entropy, ffn, gelu, l2norm, layernorm,
-                   patch_embed, softmax, sparse_linear, token_embed)
+from ..ops import (attention, contrastive, cross_entropy, ffn, gelu, l2norm, layernorm, linear,
+                   lowrank_linear, patch_embed, softmax, sparse_linear, token_embed)
 
 
 def _named(names, backward):
@@ -42,6 +42,53 @@ def sparse_linear_cases(rng):
             lambda a: sparse_linear.forward(a["x"], a["params"]),
             _named(("x", "params"), sparse_linear.backward)))
     return cases
+
+
+# ----------------------------------------------------------------------------------------
+# lowrank_linear and the linear dispatch
+
+
+def lowrank_params(rng, d_in, d_out, rank, dtype=np.float64):
+    """Factored params of a random dense (Dout, Din) weight at ``rank`` and a random bias."""
+    dense = sparse_linear.init(rng, d_in, d_out, 1.0, dtype=dtype)
+    dense["b"] = rng.standard_normal(d_out).astype(dtype)
+    return lowrank_linear.from_dense(dense, rank)
+
+
+def naive_lowrank_forward(x, A, B, b):
+    """``y[n, o] = sum_j B[o, j] sum_i A[j, i] x[n, i] + b[o]``, one product at a time."""
+    a, bb = A.toarray(), B.toarray()
+    x2 = x.reshape(-1, a.shape[1])
+    out = np.zeros((x2.shape[0], bb.shape[0]))
+    for n in range(x2.shape[0]):
+        h = [sum(a[j, i] * x2[n, i] for i in range(a.shape[1])) for j in range(a.shape[0])]
+        for o in range(bb.shape[0]):
+            out[n, o] = sum(bb[o, j] * h[j] for j in range(len(h))) + b[o]
+    return out.reshape(*x.shape[:-1], bb.shape[0])
+
+
+def lowrank_linear_cases(rng):
+    """Rank 1, an intermediate rank and full rank."""
+    cases = []
+    for d_in, d_out, rank in ((5, 4, 1), (7, 6, 3), (4, 6, 4)):
+        params = lowrank_params(rng, d_in, d_out, rank)
+        cases.append(GradcheckCase(
+            f"lowrank_linear({d_out}x{d_in}, rank={rank})",
+            {"x": rng.standard_normal((2, 3, d_in)), "params": params},
+            lambda a: lowrank_linear.forward(a["x"], a["params"]),
+            _named(("x", "params"), lowrank_linear.backward)))
+    return cases
+
+
+def linear_cases(rng):
+    """The dispatch with each kind of params."""
+    dense = sparse_linear.init(rng, 6, 5, 0.5, dtype=np.float64)
+    dense["b"] = rng.standard_normal(5)
+    return [GradcheckCase(f"linear({kind})",
+                          {"x": rng.standard_normal((3, 6)), "params": params},
+                          lambda a: linear.forward(a["x"], a["params"]),
+                          _named(("x", "params"), linear.backward))
+            for kind, params in (("sparse", dense), ("lowrank", lowrank_params(rng, 6, 5, 2)))]
 
 
 # ----------------------------------------------------------------------------------------
@@ -299,6 +346,8 @@ def ffn_cases(rng):
 # Reading order: (library module, its cases).  minivlmoe.testing.GROUPS extends this list.
 GROUPS = [
     ("ops.sparse_linear", sparse_linear_cases),
+    ("ops.lowrank_linear", lowrank_linear_cases),
+    ("ops.linear", linear_cases),
     ("ops.gelu", gelu_cases),
     ("ops.layernorm", layernorm_cases),
     ("ops.softmax", softmax_cases),
