@@ -122,3 +122,46 @@ def test_expected_failures_are_one_line(tiny_run, tmp_path, capsys):
     assert cli.main(["compress", out, "--density", "0.25", "--out",
                      str(tmp_path / "again")]) == 1
     assert "already compressed" in _one_error_line(capsys)
+
+
+def test_curve_on_a_tiny_grid_is_resumable(tiny_run, tmp_path, capsys, monkeypatch):
+    from minivlmoe.compress import curve
+
+    out = str(tmp_path / "curve")
+    argv = ["compress", tiny_run, "--sweep", "--densities", "1,0.5", "--finetune-steps", "2",
+            "--out", out, "--quiet"]
+    assert cli.main(argv) == 0
+    points = curve.read_points(os.path.join(out, "curve.jsonl"))
+    assert [p["density"] for p in points] == [1.0, 0.5]
+    parent = run_folder.read_metrics(tiny_run)[-1]
+    assert points[0]["scratch"]["i2t_r1"] == parent["i2t_r1"]    # density 1: the run itself
+    assert points[1]["pruned"]["stored_parameters"] < points[0]["pruned"]["stored_parameters"]
+    assert points[1]["bytes"]["ckpt"] < points[1]["bytes"]["ckpt_parent"]
+    assert os.path.isfile(os.path.join(out, "scratch-0.5", "ckpt.npz"))
+    for p in points:
+        assert p["timing"]["forward_s"] > 0 and p["timing"]["train_step_s"] > 0
+    table = open(os.path.join(out, "curve.md")).read()
+    assert len(table.splitlines()) == 4                        # header, rule, 2 points
+    capsys.readouterr()
+
+    def no_new_point(*a, **k):
+        raise AssertionError("a finished point was computed again")
+
+    monkeypatch.setattr(curve, "run_point", no_new_point)
+    assert cli.main(argv) == 0                                 # finished points skipped
+    assert len(curve.read_points(os.path.join(out, "curve.jsonl"))) == 2
+
+
+def test_matched_rank_bisects_to_the_nearest_count():
+    from minivlmoe.compress import curve
+
+    class Cfg:
+        width, embed_dim = 64, 64
+
+    def fake_lowrank(params, cfg, *, rank):                    # count = 100 r + 7
+        return {"a": np.zeros(100 * rank + 7)}, cfg, []
+
+    assert curve.matched_rank({}, Cfg, 1234, fake_lowrank) == (12, 1207)
+    assert curve.matched_rank({}, Cfg, 1260, fake_lowrank) == (13, 1307)
+    assert curve.matched_rank({}, Cfg, 5, fake_lowrank) == (1, 107)
+    assert curve.matched_rank({}, Cfg, 10**6, fake_lowrank) == (64, 6407)
