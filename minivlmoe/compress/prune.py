@@ -87,11 +87,12 @@ def _pattern_mask(W):
 
 
 def _top_columns(scores, stored, z):
-    """Per row of ``scores`` (R, Din), the z columns of largest score, stored columns
-    before unstored ones, ties to the smaller column; sorted ascending.  (R, z) int."""
-    key = np.where(stored, -scores, np.inf)                      # (R, Din) unstored last
-    idx = np.argsort(key, axis=1, kind="stable")[:, :z]          # (R, z) stable: ties by column
-    return np.sort(idx, axis=1)                                  # (R, z)
+    """Per row of ``scores`` (G, Din) (one group per row when unstructured: G = Dout), the
+    z columns of largest score, stored columns before unstored ones, ties to the smaller
+    column; sorted ascending.  (G, Z) int."""
+    key = np.where(stored, -scores, np.inf)                      # (G, Din) unstored last
+    idx = np.argsort(key, axis=1, kind="stable")[:, :z]          # (G, Z) stable: ties by column
+    return np.sort(idx, axis=1)                                  # (G, Z)
 
 
 def prune_weight(W, density, structure="unstructured", group=GROUP):
@@ -174,7 +175,7 @@ def remap_moments(state, old_params, new_params):
         for path, moment in flatten(state[part]).items():
             old_w, new_w = old_flat[path], new_flat[path]
             if isinstance(old_w, sp.csr_array) and new_w is not old_w:
-                where = _positions(old_w, new_w)                 # (nnz_new,) -1 if new
+                where = _positions(old_w, new_w)                 # (nnz,) of new_w, -1 if new
                 moved[path] = np.where(where >= 0, moment[where], 0).astype(moment.dtype)
             else:
                 moved[path] = moment
@@ -183,11 +184,11 @@ def remap_moments(state, old_params, new_params):
 
 
 def _positions(old_w, new_w):
-    """For each stored entry of ``new_w``, its index in ``old_w.data`` or -1.  (nnz_new,)"""
+    """For each stored entry of ``new_w``, its index in ``old_w.data`` or -1."""
     pos = np.full(old_w.shape, -1, dtype=np.int64)               # (Dout, Din)
-    old_rows = np.repeat(np.arange(old_w.shape[0]), np.diff(old_w.indptr))  # (nnz_old,)
+    old_rows = np.repeat(np.arange(old_w.shape[0]), np.diff(old_w.indptr))  # (nnz,) of old_w
     pos[old_rows, old_w.indices] = np.arange(old_w.nnz)
-    new_rows = np.repeat(np.arange(new_w.shape[0]), np.diff(new_w.indptr))  # (nnz_new,)
+    new_rows = np.repeat(np.arange(new_w.shape[0]), np.diff(new_w.indptr))  # (nnz,) of new_w
     return pos[new_rows, new_w.indices]
 
 
