@@ -266,7 +266,10 @@ def _compress_parser(sub, commands):
                    help="steps between prunings of --schedule gradual (steps/10)")
     p.add_argument("--finetune-steps", type=_positive_int, metavar="N",
                    help="fine-tuning steps (a fifth of the run's steps)")
-    p.add_argument("--lr", type=_positive_float, help="fine-tuning peak lr (the run's / 3)")
+    p.add_argument("--prune-ends", action="store_true",
+                   help="also prune the patch projection, the retrieval projections and the "
+                   "LM head (kept by default; docs/compression.md says why)")
+    p.add_argument("--lr", type=_positive_float, help="fine-tuning peak lr (3x the run's)")
     p.add_argument("--rank", type=_positive_int, help="rank of every factored weight (lowrank)")
     p.add_argument("--energy", type=_fraction,
                    help="keep this share of each weight's squared singular values (lowrank)")

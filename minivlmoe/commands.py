@@ -412,9 +412,10 @@ def cmd_compress(args):
     if magnitude and (args.rank is not None or args.energy is not None):
         args.parser.error("--rank and --energy need --method lowrank")
     if not magnitude and (args.density is not None or args.structure != "unstructured"
-                          or args.schedule != "oneshot" or args.interval is not None):
-        args.parser.error("--density, --structure, --schedule and --interval need "
-                          "--method magnitude")
+                          or args.schedule != "oneshot" or args.interval is not None
+                          or args.prune_ends):
+        args.parser.error("--density, --structure, --schedule, --interval and --prune-ends "
+                          "need --method magnitude")
     if not magnitude and (args.rank is None) == (args.energy is None):
         args.parser.error("--method lowrank needs exactly one of --rank R and --energy F")
     if args.sweep:
@@ -457,7 +458,8 @@ def cmd_compress(args):
                 args.run, args.out, method=args.method, density=args.density,
                 structure=args.structure, schedule=args.schedule,
                 finetune_steps=args.finetune_steps, interval=args.interval, lr=args.lr,
-                rank=args.rank, energy=args.energy, data_path=args.data, progress=progress)
+                keep_ends=not args.prune_ends, rank=args.rank, energy=args.energy,
+                data_path=args.data, progress=progress)
     except KeyboardInterrupt:
         return fail(f"interrupted; the fine-tuning continues with `minivlmoe train --out "
                     f"{args.out} --resume`")

@@ -38,13 +38,13 @@ def test_compress_oneshot_keeps_the_pruned_pattern_through_fine_tuning(tiny_run,
                                                                         capsys, structure):
     out = str(tmp_path / "pruned")
     assert cli.main(["compress", tiny_run, "--density", "0.25", "--structure", structure,
-                     "--finetune-steps", "4", "--out", out, "--quiet"]) == 0
+                     "--finetune-steps", "4", "--out", out, "--quiet", "--prune-ends"]) == 0
     printed = capsys.readouterr().out
     assert "ckpt.npz bytes:" in printed and "vs the parent:" in printed
     parent, _, _, _ = run_checkpoint.load_checkpoint(os.path.join(tiny_run, "ckpt.npz"))
     ckpt, model_cfg, train_cfg, _ = run_checkpoint.load_checkpoint(os.path.join(out, "ckpt.npz"))
     assert ckpt.step == 4 == train_cfg.steps and model_cfg.density == 0.25
-    expected, _ = prune.prune_params(parent.params, 0.25, structure)
+    expected, _ = prune.prune_params(parent.params, 0.25, structure, keep_ends=False)
     got = _patterns(ckpt.params)
     for path, (indices, indptr) in _patterns(expected).items():   # unchanged by 4 steps
         np.testing.assert_array_equal(got[path][0], indices)
@@ -96,6 +96,7 @@ def test_loading_checks_the_recorded_pattern(tiny_run, tmp_path):
     ["--method", "lowrank"], ["--method", "lowrank", "--rank", "2", "--energy", "0.9"],
     ["--method", "lowrank", "--rank", "0"], ["--method", "lowrank", "--energy", "1.5"],
     ["--method", "lowrank", "--rank", "2", "--density", "0.5"],
+    ["--method", "lowrank", "--rank", "2", "--prune-ends"],
     ["--density", "0.5", "--interval", "3"],
     ["--density", "0.5", "--structure", "blocks"],
     ["--sweep", "--density", "0.5"],

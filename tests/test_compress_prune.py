@@ -123,17 +123,21 @@ def _cfg():
     return preset_configs("tiny")[0]
 
 
-def test_prune_params_prunes_every_sparse_weight_but_the_routers():
+@pytest.mark.parametrize("keep_ends", [True, False])
+def test_prune_params_prunes_the_block_weights_and_the_ends_unless_kept(keep_ends):
     params = model.init(np.random.default_rng(1), _cfg())
-    pruned, names = prune.prune_params(params, 0.25)
+    pruned, names = prune.prune_params(params, 0.25, keep_ends=keep_ends)
     flat, new = flatten(params), flatten(pruned)
+    ends = ("patch.proj.W", "img_proj.W", "txt_proj.W", "lm_head.W")
     for path, leaf in flat.items():
-        if isinstance(leaf, sp.csr_array) and "router" not in path:
+        sparse = isinstance(leaf, sp.csr_array)
+        if sparse and "router" not in path and not (keep_ends and path.endswith(ends)):
             assert path in names
             assert np.all(np.diff(new[path].indptr) == prune.row_count(0.25, leaf.shape[1]))
         else:
-            assert new[path] is leaf
-    assert any("lm_head" in n for n in names) and any("patch.proj" in n for n in names)
+            assert new[path] is leaf and path not in names
+    assert any(".attn.q.W" in n for n in names) and any(".fc1.W" in n for n in names)
+    assert any("lm_head" in n for n in names) != keep_ends
 
 
 def test_remap_moments_against_a_loop():

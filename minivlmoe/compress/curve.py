@@ -142,7 +142,7 @@ def step_times(params_list, model_cfg, train_cfg, repeats=10):
 
 
 def run_point(run, out, density, *, structure, schedule, finetune_steps, lr, interval,
-              progress, repeats=10):
+              keep_ends=True, progress=None, repeats=10):
     """One point of the curve (a dict: the module docstring's fields)."""
     ckpt, model_cfg, train_cfg, _ = load_checkpoint(os.path.join(run, CKPT_NAME))
     parent_record = read_metrics(run)[-1] if os.path.isfile(
@@ -156,7 +156,8 @@ def run_point(run, out, density, *, structure, schedule, finetune_steps, lr, int
     if record is None:
         record = finetune.compress_run(run, pruned_dir, density=density, structure=structure,
                                        schedule=schedule, finetune_steps=steps, lr=lr,
-                                       interval=interval, progress=progress).record
+                                       interval=interval, keep_ends=keep_ends,
+                                       progress=progress).record
     pruned_ckpt, _, _, _ = load_checkpoint(os.path.join(pruned_dir, CKPT_NAME))
     stored = prune.stored_parameters(pruned_ckpt.params)
     point["pruned"] = {**_quality(record), "stored_parameters": stored,
@@ -210,7 +211,8 @@ def lowrank_point(run, out, density, params, model_cfg, target, steps, lr, progr
 
 
 def sweep(run, out, densities, *, structure="unstructured", schedule="oneshot",
-          finetune_steps=None, lr=None, interval=None, progress=sys.stderr, repeats=10):
+          finetune_steps=None, lr=None, interval=None, keep_ends=True, progress=sys.stderr,
+          repeats=10):
     """Every point of the curve not yet in ``out/curve.jsonl``; then the table and the
     figure.  Returns the list of points (in grid order)."""
     os.makedirs(out, exist_ok=True)
@@ -227,7 +229,7 @@ def sweep(run, out, densities, *, structure="unstructured", schedule="oneshot",
                       flush=True)
             done[key] = run_point(run, out, d, structure=structure, schedule=schedule,
                                   finetune_steps=finetune_steps, lr=lr, interval=interval,
-                                  progress=progress, repeats=repeats)
+                                  keep_ends=keep_ends, progress=progress, repeats=repeats)
             append_jsonl(path, done[key])
         points.append(done[key])
     with open(os.path.join(out, "curve.md"), "w", encoding="utf-8") as f:
@@ -245,7 +247,7 @@ def format_table(points):
             "low rank i2t / t2i / exact (rank) | stored params | train step x | "
             "forward x | ckpt bytes |")
     lines = [head, "|" + "---|" * 8]
-    for p in points:
+    for p in sorted(points, key=lambda p: -p["density"]):
         pr, sc, lr = p["pruned"], p["scratch"], p["lowrank"]
         low = ("skipped" if "skipped" in lr else
                f"{_f(lr['i2t_r1'])} / {_f(lr['t2i_r1'])} / {_f(lr['caption_exact'])} "
@@ -266,6 +268,7 @@ def plot(points, png):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    points = sorted(points, key=lambda p: -p["density"])
     d = [p["density"] for p in points]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
@@ -302,7 +305,7 @@ def cmd_sweep(args, progress):
     """``compress RUN --sweep``: the curve into --out (called by commands.cmd_compress)."""
     points = sweep(args.run, args.out, args.densities, structure=args.structure,
                    schedule=args.schedule, finetune_steps=args.finetune_steps, lr=args.lr,
-                   interval=args.interval, progress=progress)
+                   interval=args.interval, keep_ends=not args.prune_ends, progress=progress)
     print(format_table(points))
     print(f"points: {os.path.join(args.out, CURVE_NAME)}  table: "
           f"{os.path.join(args.out, 'curve.md')}")
