@@ -248,8 +248,8 @@ _density.__name__ = "density"
 def _compress_parser(sub, commands):
     p = _subcommand(sub, commands.cmd_compress, "compress",
                     help="prune or factor a trained run, fine-tune it into a new run folder",
-                    description="Magnitude-prune (or factor by truncated SVD) every sparse "
-                    "weight of a trained run, then fine-tune it with AdamW into --out, an "
+                    description="Magnitude-prune (or factor by truncated SVD) the sparse "
+                    "weights of a trained run's blocks, then fine-tune it with AdamW into --out, an "
                     "ordinary run folder (eval, caption, retrieve, train --resume work on "
                     "it). With --sweep: the density-quality-speed curve into --out "
                     "(docs/compression.md).")

@@ -461,6 +461,9 @@ def cmd_compress(args):
                 keep_ends=not args.prune_ends, rank=args.rank, energy=args.energy,
                 data_path=args.data, progress=progress)
     except KeyboardInterrupt:
+        if args.schedule == "gradual":   # train --resume would not prune any further
+            return fail(f"interrupted; run the same compress command again to redo the "
+                        f"gradual pruning into {args.out} (with --overwrite)")
         return fail(f"interrupted; the fine-tuning continues with `minivlmoe train --out "
                     f"{args.out} --resume`")
     print(finetune.format_result(result, builtin="data" not in ckpt.config))
