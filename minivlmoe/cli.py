@@ -11,6 +11,8 @@ retrieve    the test images that best match a caption.
 plot        the training losses and evaluations of run folders (text, or a PNG).
 routes      where a run's MoE layers send its test tokens (tables, maps, curves).
 sweep       dense and MoE models at equal active compute over a grid of expert counts.
+compress    prune (or factor) a trained run and fine-tune it into a new run folder;
+            --sweep: the density-quality-speed curve.
 
 
 This module is the parser, :func:`main` and the error handling; the subcommands are in
@@ -226,7 +228,62 @@ def build_parser():
                    help="save heatmaps, maps and curves (needs matplotlib)")
     _data_option(p)
     _sweep_parser(sub, commands, PRESETS)
+    _compress_parser(sub, commands)
     return parser
+
+
+def _density(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a density in (0, 1], got {text}")
+    return value
+
+
+_density.__name__ = "density"
+
+
+def _compress_parser(sub, commands):
+    p = _subcommand(sub, commands.cmd_compress, "compress",
+                    help="prune or factor a trained run, fine-tune it into a new run folder",
+                    description="Magnitude-prune (or factor by truncated SVD) the sparse "
+                    "weights of a trained run's blocks, then fine-tune it with AdamW into --out, an "
+                    "ordinary run folder (eval, caption, retrieve, train --resume work on "
+                    "it). With --sweep: the density-quality-speed curve into --out "
+                    "(docs/compression.md).")
+    p.add_argument("run", metavar="RUN", help="a trained run folder (DIR of train --out)")
+    p.add_argument("--method", choices=("magnitude", "lowrank"), default="magnitude",
+                   help="magnitude pruning (default) or low rank (--rank or --energy)")
+    p.add_argument("--density", type=_density, help="stored fraction of every row, in (0, 1]")
+    p.add_argument("--structure", choices=("unstructured", "row-group"),
+                   default="unstructured", help="per row (default) or column groups shared "
+                   "by consecutive rows")
+    p.add_argument("--schedule", choices=("oneshot", "gradual"), default="oneshot",
+                   help="prune once, or along a cubic schedule while fine-tuning")
+    p.add_argument("--interval", type=_positive_int, metavar="N",
+                   help="steps between prunings of --schedule gradual (steps/10)")
+    p.add_argument("--finetune-steps", type=_positive_int, metavar="N",
+                   help="fine-tuning steps (a fifth of the run's steps)")
+    p.add_argument("--prune-ends", action="store_true",
+                   help="also prune the patch projection, the retrieval projections and the "
+                   "LM head (kept by default; docs/compression.md says why)")
+    p.add_argument("--lr", type=_positive_float, help="fine-tuning peak lr (3x the run's)")
+    p.add_argument("--rank", type=_positive_int, help="rank of every factored weight (lowrank)")
+    p.add_argument("--energy", type=_fraction,
+                   help="keep this share of each weight's squared singular values (lowrank)")
+    p.add_argument("--out", metavar="DIR", required=True,
+                   help="the new run folder (the sweep folder with --sweep)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run in --out")
+    p.add_argument("--sweep", action="store_true",
+                   help="the curve: prune + fine-tune, sparse from scratch, low rank, step "
+                   "times and bytes at every --densities value (resumable)")
+    p.add_argument("--densities", type=_comma_list(_density),
+                   default=[1.0, 0.5, 0.25, 0.1, 0.05, 0.02], metavar="D,D,...",
+                   help="densities of --sweep (1,0.5,0.25,0.1,0.05,0.02)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    _data_option(p)
 
 
 def _comma_list(item):

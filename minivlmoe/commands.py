@@ -87,6 +87,11 @@ def _train_overrides(args):
             "n_train": args.n_train}
 
 
+def _compressed_entry(config):
+    """The ``"compressed"`` entry of a run's config (minivlmoe/compress), kept on resume."""
+    return {k: config[k] for k in ("compressed",) if k in config}
+
+
 def cmd_train(args):
     import dataclasses
     import json
@@ -166,7 +171,8 @@ def cmd_train(args):
         # NaN and inf and stops with one line, so NumPy's warnings would only add noise
         with np.errstate(over="ignore", invalid="ignore"):
             result = train.train(model_cfg, train_cfg, out, data=data, resume=args.resume,
-                                 preset=preset, progress=progress)
+                                 preset=preset, progress=progress,
+                                 extra_config=_compressed_entry(saved if args.resume else {}))
     except KeyboardInterrupt:
         return fail(f"interrupted; continue from the last checkpoint with "
                      f"`minivlmoe train --out {out} --resume`")
@@ -391,4 +397,74 @@ def cmd_sweep(args):
                         "matplotlib); the summary above was written")
         return 0
     print(f"saved {png}")
+    return 0
+
+
+def cmd_compress(args):
+    """Prune (or factor) a run and fine-tune it into --out (minivlmoe/compress/finetune.py);
+    with --sweep, the density curve (minivlmoe/compress/curve.py)."""
+    import numpy as np
+
+    from . import run_folder
+    from .compress import finetune
+
+    magnitude = args.method == "magnitude"
+    if magnitude and (args.rank is not None or args.energy is not None):
+        args.parser.error("--rank and --energy need --method lowrank")
+    if not magnitude and (args.density is not None or args.structure != "unstructured"
+                          or args.schedule != "oneshot" or args.interval is not None
+                          or args.prune_ends):
+        args.parser.error("--density, --structure, --schedule, --interval and --prune-ends "
+                          "need --method magnitude")
+    if not magnitude and (args.rank is None) == (args.energy is None):
+        args.parser.error("--method lowrank needs exactly one of --rank R and --energy F")
+    if args.sweep:
+        if not magnitude or args.density is not None:
+            args.parser.error("--sweep takes --densities (magnitude pruning), not "
+                              "--density or --method lowrank")
+    elif magnitude and args.density is None:
+        args.parser.error("--method magnitude needs --density D")
+    if args.schedule != "gradual" and args.interval is not None:
+        args.parser.error("--interval needs --schedule gradual")
+    if os.path.abspath(args.out) == os.path.abspath(args.run):
+        return fail(f"--out must be a new folder, not the run itself ({args.out})")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return fail(f"--out must be a folder, but it names an existing file ({args.out})")
+    ckpt, model_cfg, train_cfg, _ = _load_run(args.run)       # CheckpointError: one line
+    if finetune.KEY in ckpt.config:
+        return fail(f"{args.run} is already compressed ({ckpt.config[finetune.KEY]['method']}"
+                    f"); compress its parent instead")
+    if magnitude and not args.sweep and args.density > model_cfg.density:
+        return fail(f"--density {args.density} is above the run's density "
+                    f"{model_cfg.density} (pruning never adds entries)")
+    progress = None if args.quiet else sys.stderr
+    if args.sweep:
+        from .compress import curve
+
+        return curve.cmd_sweep(args, progress)
+    if os.path.exists(os.path.join(args.out, run_folder.CKPT_NAME)) and not args.overwrite:
+        return fail(f"{args.out} already holds a run; pass --overwrite to replace it, or "
+                    "choose another --out")
+    what = (f"magnitude, density {args.density:g}, {args.structure}, {args.schedule}"
+            if magnitude else f"lowrank, " + (f"rank {args.rank}" if args.rank is not None
+                                               else f"energy {args.energy:g}"))
+    if progress is not None:
+        steps = args.finetune_steps or max(1, train_cfg.steps // 5)
+        print(f"compressing {args.run} ({what}) into {args.out}: {steps} fine-tuning steps",
+              file=progress, flush=True)
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):   # divergence is checked in train
+            result = finetune.compress_run(
+                args.run, args.out, method=args.method, density=args.density,
+                structure=args.structure, schedule=args.schedule,
+                finetune_steps=args.finetune_steps, interval=args.interval, lr=args.lr,
+                keep_ends=not args.prune_ends, rank=args.rank, energy=args.energy,
+                data_path=args.data, progress=progress)
+    except KeyboardInterrupt:
+        if args.schedule == "gradual":   # train --resume would not prune any further
+            return fail(f"interrupted; run the same compress command again to redo the "
+                        f"gradual pruning into {args.out} (with --overwrite)")
+        return fail(f"interrupted; the fine-tuning continues with `minivlmoe train --out "
+                    f"{args.out} --resume`")
+    print(finetune.format_result(result, builtin="data" not in ckpt.config))
     return 0

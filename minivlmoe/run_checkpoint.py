@@ -75,17 +75,18 @@ def _adam_reach(train_cfg, step):
     return 1.01 * ratio * train_cfg.lr * step + 1e-5 * (step + 1)
 
 
-def _check_logit_scale(ckpt, train_cfg, fail):
+def _check_logit_scale(ckpt, train_cfg, fail, prior=0.0):
     """``log_logit_scale`` within what training can reach, and where exp() is finite.
 
     Training does not clamp it (CLIP clamps the logit scale at 100 = exp(4.6); a long
     run here may pass that, so no fixed bound is imposed): it starts at
     ``LOG_LOGIT_SCALE_INIT`` and is never weight-decayed, so after ``step`` updates it
-    lies within :func:`_adam_reach` of that value.  The contrastive loss also needs
+    lies within :func:`_adam_reach` of that value (plus ``prior``, the reach of the
+    parent's training for a compressed run).  The contrastive loss also needs
     ``exp(log_logit_scale)`` finite in the parameters' dtype.
     """
     value = float(ckpt.params["log_logit_scale"])
-    reach = _adam_reach(train_cfg, ckpt.step)
+    reach = _adam_reach(train_cfg, ckpt.step) + prior
     limit = float(np.log(np.finfo(ckpt.params["log_logit_scale"].dtype).max))
     if value > limit:
         fail(f"params['log_logit_scale'] = {value:.6g} exceeds log(max float) = "
@@ -182,6 +183,11 @@ def load_checkpoint(path, expected_config=None):
     template = model.init(np.random.default_rng(0), model_cfg)
     _check_like("params", ckpt.params, template, "", fail)
     opt_template = optim.init_state(template)
+    if "compressed" in ckpt.config:  # a pruned pattern, not init's: check it, build on it
+        from .compress.finetune import check_patterns
+
+        prior = check_patterns(ckpt.config, ckpt.params, ckpt.opt_state, fail)
+        opt_template = optim.init_state(ckpt.params)
     if not isinstance(ckpt.opt_state, dict) or ckpt.opt_state.keys() != opt_template.keys():
         fail(f"opt_state must have the keys {sorted(opt_template)}")
     for part in ("m", "v"):
@@ -195,6 +201,6 @@ def load_checkpoint(path, expected_config=None):
     _check_finite("params", ckpt.params, fail)
     _check_finite("opt_state['m']", ckpt.opt_state["m"], fail)
     _check_finite("opt_state['v']", ckpt.opt_state["v"], fail, nonnegative=True)
-    _check_logit_scale(ckpt, train_cfg, fail)
+    _check_logit_scale(ckpt, train_cfg, fail, prior if "compressed" in ckpt.config else 0.0)
     _check_training_state(ckpt, train_cfg, fail)
     return ckpt, model_cfg, train_cfg, tokenizer

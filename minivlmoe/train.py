@@ -228,7 +228,7 @@ def _data_setup(model_cfg, train_cfg, data):
 
 
 def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_at=None,
-          progress=sys.stderr, preset=None, timer=None, decode_eval=True):
+          progress=sys.stderr, preset=None, timer=None, decode_eval=True, extra_config=None):
     """Train a model on the built-in world or your data; write metrics and checkpoints.
 
     Parameters
@@ -252,6 +252,8 @@ def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_a
     timer : optional :class:`minivlmoe.timing.SectionTimer` (or any object with
         ``section(name)``).
     decode_eval : include greedy decoding (caption metrics) in the evaluations.
+    extra_config : dict or None; entries added to the run's config (e.g. the
+        ``"compressed"`` entry of a pruned run, :mod:`minivlmoe.compress.finetune`).
 
     Returns
     -------
@@ -278,7 +280,8 @@ def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_a
         raise ValueError("resume=True needs out_dir (the folder of the run to continue)")
     t_start = time.perf_counter()
     splits, tokenizer, source = _data_setup(model_cfg, train_cfg, data)
-    config = run_config(model_cfg, train_cfg, tokenizer, preset, data=source)
+    config = {**run_config(model_cfg, train_cfg, tokenizer, preset, data=source),
+              **(extra_config or {})}
     images = splits.train.images.astype(model_cfg.dtype, copy=False)   # (Bn, R, R, Ch)
     ids = tokenizer.encode(splits.train.captions, model_cfg.max_text_len)  # (Bn, T)
     keys = evaluate.caption_keys(splits.train.captions)                # (Bn,)

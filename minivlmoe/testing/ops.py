@@ -41,6 +41,30 @@ def sparse_linear_cases(rng):
             {"x": x, "params": params},
             lambda a: sparse_linear.forward(a["x"], a["params"]),
             _named(("x", "params"), sparse_linear.backward)))
+    return cases + pruned_linear_cases()
+
+
+def pruned_linear_cases():
+    """Layers magnitude-pruned by :func:`minivlmoe.compress.prune.prune_weight` (their
+    patterns are not init's): unstructured and row-group, on the kernels' paths.  Drawn
+    from their own generator, so adding them left every other case's values unchanged."""
+    from ..compress.prune import prune_weight
+
+    rng = np.random.default_rng(9)
+    cases = []
+    for structure, density, d_in, d_out in (("unstructured", 0.3, 20, 6),
+                                            ("unstructured", 0.05, 60, 5),
+                                            ("row-group", 0.1, 60, 8),
+                                            ("row-group", 0.02, 200, 4)):
+        params = sparse_linear.init(rng, d_in, d_out, 1.0, dtype=np.float64)
+        params["W"] = prune_weight(params["W"], density, structure, group=4)
+        params["b"] = rng.standard_normal(d_out)
+        x = rng.standard_normal((2, 3, d_in))                    # (B, S, Din)
+        cases.append(GradcheckCase(
+            f"sparse_linear(pruned {structure} {density})",
+            {"x": x, "params": params},
+            lambda a: sparse_linear.forward(a["x"], a["params"]),
+            _named(("x", "params"), sparse_linear.backward)))
     return cases
 
 
