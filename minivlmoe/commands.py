@@ -437,6 +437,12 @@ def cmd_compress(args):
     if magnitude and not args.sweep and args.density > model_cfg.density:
         return fail(f"--density {args.density} is above the run's density "
                     f"{model_cfg.density} (pruning never adds entries)")
+    if not magnitude:            # a rank the run's weights cannot take: a usage error
+        try:
+            finetune.convert(ckpt.params, model_cfg, method="lowrank", rank=args.rank,
+                             energy=args.energy)
+        except ValueError as e:
+            args.parser.error(str(e))
     progress = None if args.quiet else sys.stderr
     if args.sweep:
         from .compress import curve

@@ -89,12 +89,27 @@ def test_loading_checks_the_recorded_pattern(tiny_run, tmp_path):
         run_checkpoint.load_checkpoint(path)
 
 
+def test_compress_lowrank_writes_a_factored_run_folder(tiny_run, tmp_path, capsys):
+    out = str(tmp_path / "factored")
+    assert cli.main(["compress", tiny_run, "--method", "lowrank", "--rank", "3",
+                     "--finetune-steps", "3", "--out", out, "--quiet"]) == 0
+    assert "ckpt.npz bytes:" in capsys.readouterr().out
+    ckpt, model_cfg, train_cfg, _ = run_checkpoint.load_checkpoint(os.path.join(out, "ckpt.npz"))
+    assert ckpt.step == 3 == train_cfg.steps and model_cfg.lowrank
+    factored = [p for p in flatten(ckpt.params) if p.endswith(".A")]
+    assert factored and all(flatten(ckpt.params)[p].shape[0] <= 3 for p in factored)
+    for command in (["eval", out], ["caption", out, "--n", "2"]):
+        assert cli.main(command) == 0, command
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("argv", [
     ["--density", "0"], ["--density", "1.5"], ["--density", "-0.1"], ["--density", "x"],
     [],                                                       # magnitude needs --density
     ["--density", "0.5", "--rank", "2"],
     ["--method", "lowrank"], ["--method", "lowrank", "--rank", "2", "--energy", "0.9"],
     ["--method", "lowrank", "--rank", "0"], ["--method", "lowrank", "--energy", "1.5"],
+    ["--method", "lowrank", "--rank", "400"],               # above every layer's min(in, out)
     ["--method", "lowrank", "--rank", "2", "--density", "0.5"],
     ["--method", "lowrank", "--rank", "2", "--prune-ends"],
     ["--density", "0.5", "--interval", "3"],
