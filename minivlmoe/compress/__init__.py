@@ -1,0 +1,1 @@
+"""Compression of trained runs (see docs/compression.md)."""
