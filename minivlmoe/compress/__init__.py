@@ -1,1 +1,4 @@
-"""Compression of trained runs (see docs/compression.md)."""
+"""Compression of trained runs (see docs/compression.md).
+
+* ``upcycle`` -- a dense run's FFN copied into every expert, fresh routers, trained further.
+"""
