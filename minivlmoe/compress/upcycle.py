@@ -59,9 +59,9 @@ import os
 
 import numpy as np
 
-from .. import atomic, evaluate, model, optim
+from .. import atomic, evaluate, optim
 from .._checks import check_choice, check_float, check_int
-from ..model_config import ModelConfig, check_config
+from ..model_config import check_config
 from ..moe import experts as moe_experts
 from ..moe.moe_config import MODALITIES
 
@@ -84,9 +84,9 @@ def upcycle_config(parent_cfg, *, num_experts, top_k=1, mode="shared"):
     """The MoE config of a dense parent: ``mode`` experts, E = ``num_experts``, K =
     ``top_k``, each expert the parent's FFN width at MoE positions (module docstring).
 
-    Raises UpcycleError (a ValueError) when the parent is not dense, ``num_experts < 2``,
-    ``top_k`` is not in [1, num_experts], or modality mode with K >= 2 would change a
-    fusion layer's width.
+    Raises UpcycleError (a ValueError) when the parent is not dense or modality mode with
+    K >= 2 would change a fusion layer's width; ValueError (naming the argument) when
+    ``num_experts < 2``, ``top_k`` is not in [1, num_experts] or ``mode`` is unknown.
     """
     check_config(parent_cfg)
     if parent_cfg.experts != "dense":
@@ -98,8 +98,8 @@ def upcycle_config(parent_cfg, *, num_experts, top_k=1, mode="shared"):
     width = parent_cfg.expert_hidden * parent_cfg.top_k       # the parent's FFN at MoE positions
     cfg = dataclasses.replace(parent_cfg, experts=mode, num_experts=num_experts, top_k=top_k,
                               expert_hidden=width)
-    for i, ((kind, hidden), (pkind, phidden)) in enumerate(zip(cfg.layer_kinds(),
-                                                               parent_cfg.layer_kinds())):
+    for i, ((kind, hidden), (_, phidden)) in enumerate(zip(cfg.layer_kinds(),
+                                                           parent_cfg.layer_kinds())):
         if kind == "ffn" and hidden != phidden:
             raise UpcycleError(f"mode {mode!r} with top_k={top_k} gives the dense FFN of "
                                f"block {i} width {hidden}, but the parent's is {phidden}; "
