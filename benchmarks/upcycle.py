@@ -86,13 +86,14 @@ def summary(args):
 
 def format_rows(rows, args):
     P, N = args.parent_steps, args.steps
-    head = (f"| arm | steps | test caption loss | i2t R@1 | t2i R@1 | caption exact |\n"
-            f"|---|---|---|---|---|---|")
+    head = (f"| arm | steps | test caption loss | i2t R@1 | t2i R@1 | caption exact | "
+            f"caption loss per seed |\n|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         cells = " | ".join(f"{r[f][0]:.4f} ± {r[f][1]:.4f}" for f in FIGURES)
         total = f"{P} + {N}" if r["run"].startswith(("up", "cont")) else str(r["steps"])
-        lines.append(f"| {r['arm']} ({r['seeds']} seeds) | {total} | {cells} |")
+        per_seed = ", ".join(f"{v:.4f}" for v in r["test_caption"][2])
+        lines.append(f"| {r['arm']} ({r['seeds']} seeds) | {total} | {cells} | {per_seed} |")
     return "\n".join(lines)
 
 
