@@ -41,7 +41,7 @@ def finished(path, steps):
 def arms(args):
     P, N = args.parent_steps, args.steps
     return [("dense parent", f"dense{P}", P), ("upcycled", f"up{N}", N),
-            ("dense parent + N", f"cont{N}", N), (f"{args.mode} scratch", f"{args.mode}{P + N}",
+            (f"dense parent + {N}", f"cont{N}", N), (f"{args.mode} scratch", f"{args.mode}{P + N}",
                                                   P + N),
             ("dense scratch", f"dense{P + N}", P + N)]
 
@@ -93,7 +93,8 @@ def format_rows(rows, args):
         cells = " | ".join(f"{r[f][0]:.4f} ± {r[f][1]:.4f}" for f in FIGURES)
         total = f"{P} + {N}" if r["run"].startswith(("up", "cont")) else str(r["steps"])
         per_seed = ", ".join(f"{v:.4f}" for v in r["test_caption"][2])
-        lines.append(f"| {r['arm']} ({r['seeds']} seeds) | {total} | {cells} | {per_seed} |")
+        seeds = f"{r['seeds']} seed{'s' if r['seeds'] > 1 else ''}"
+        lines.append(f"| {r['arm']} ({seeds}) | {total} | {cells} | {per_seed} |")
     return "\n".join(lines)
 
 
