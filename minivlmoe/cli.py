@@ -13,6 +13,8 @@ routes      where a run's MoE layers send its test tokens (tables, maps, curves)
 sweep       dense and MoE models at equal active compute over a grid of expert counts.
 compress    prune (or factor) a trained run and fine-tune it into a new run folder;
             --sweep: the density-quality-speed curve.
+upcycle     turn a trained dense run into an MoE run (its FFN copied into every expert)
+            and train it further (minivlmoe/compress/upcycle.py).
 
 
 This module is the parser, :func:`main` and the error handling; the subcommands are in
@@ -229,6 +231,7 @@ def build_parser():
     _data_option(p)
     _sweep_parser(sub, commands, PRESETS)
     _compress_parser(sub, commands)
+    _upcycle_parser(sub, commands)
     return parser
 
 
@@ -282,6 +285,42 @@ def _compress_parser(sub, commands):
     p.add_argument("--densities", type=_comma_list(_density),
                    default=[1.0, 0.5, 0.25, 0.1, 0.05, 0.02], metavar="D,D,...",
                    help="densities of --sweep (1,0.5,0.25,0.1,0.05,0.02)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    _data_option(p)
+
+
+def _nonneg_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _upcycle_parser(sub, commands):
+    p = _subcommand(sub, commands.cmd_upcycle, "upcycle",
+                    help="a trained dense run becomes an MoE run, trained further",
+                    description="Sparse upcycling (Komatsuzaki et al. 2023): copy the "
+                    "dense run's FFN at every MoE position into each of E experts, add "
+                    "fresh routers, keep every other weight, then train the MoE for N "
+                    "steps into an ordinary run folder (docs/compression.md).")
+    p.add_argument("run", metavar="RUN", help="a dense run folder (train --experts dense)")
+    p.add_argument("--experts", type=_int_at_least(2), required=True, metavar="E",
+                   help="experts per pool (>= 2)")
+    p.add_argument("--top-k", type=_positive_int, default=1, metavar="K",
+                   help="experts per token (1; K >= 2 runs K full copies per token)")
+    p.add_argument("--mode", choices=("shared", "modality"), default="shared",
+                   help="one pool for both modalities (shared, default: the parent's FFN "
+                   "serves both) or an image and a text pool (modality)")
+    p.add_argument("--out", metavar="DIR", required=True, help="the new run folder")
+    p.add_argument("--steps", type=_positive_int, metavar="N",
+                   help="training steps after the conversion (half the parent's steps)")
+    p.add_argument("--noise", type=_nonneg_float, default=0.0, metavar="STD",
+                   help="relative std of noise on each expert's weights (0: exact copies)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run that --out already holds")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     _data_option(p)
 

@@ -1,5 +1,5 @@
 """The subcommands of the command line: train, eval, caption, retrieve, plot, routes, gradcheck,
-sweep.
+sweep, upcycle.
 
 Each ``cmd_<name>(args)`` takes the parsed arguments of :func:`minivlmoe.cli.build_parser`
 and returns the exit status; an expected failure is one line
@@ -16,6 +16,8 @@ the library inside itself, so nothing here loads NumPy at import time.
 * ``cmd_plot`` -- the summary (and PNG) of run folders.
 * ``cmd_routes`` -- where a run's MoE layers send its test tokens (minivlmoe/routes.py).
 * ``cmd_sweep`` -- a grid of runs at equal active compute (minivlmoe/sweep.py).
+* ``cmd_upcycle`` -- a dense run becomes an MoE run, trained further
+  (minivlmoe/compress/upcycle.py).
 """
 
 from __future__ import annotations
@@ -473,4 +475,48 @@ def cmd_compress(args):
         return fail(f"interrupted; the fine-tuning continues with `minivlmoe train --out "
                     f"{args.out} --resume`")
     print(finetune.format_result(result, builtin="data" not in ckpt.config))
+    return 0
+
+
+def cmd_upcycle(args):
+    """Convert a dense run (minivlmoe/compress/upcycle.py), train it, print its report."""
+    import numpy as np
+
+    from . import run_folder
+    from .compress import upcycle
+    from .evaluate import format_report
+
+    if args.top_k > args.experts:
+        args.parser.error(f"--top-k must be in [1, --experts={args.experts}], got "
+                          f"{args.top_k}")                           # exit status 2
+    if not os.path.isfile(os.path.join(args.run, run_folder.CKPT_NAME)):
+        return fail(f"no run to upcycle: {os.path.join(args.run, run_folder.CKPT_NAME)} "
+                    f"is missing")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return fail(f"--out must be a folder, but it names an existing file ({args.out})")
+    if os.path.exists(os.path.join(args.out, run_folder.CKPT_NAME)) and not args.overwrite:
+        return fail(f"{args.out} already holds a run; pass --overwrite to replace it, or "
+                    f"choose another --out")
+    progress = None if args.quiet else sys.stderr
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):   # divergence is checked by train
+            result, info = upcycle.upcycle_run(
+                args.run, args.out, num_experts=args.experts, top_k=args.top_k,
+                mode=args.mode, steps=args.steps, noise=args.noise, data_path=args.data,
+                progress=progress)
+    except upcycle.UpcycleError as e:
+        return fail(f"cannot upcycle {args.run}: {e}")
+    except KeyboardInterrupt:
+        return fail(f"interrupted; continue from the last checkpoint with "
+                    f"`minivlmoe train --out {args.out} --resume`")
+    p, s0 = info["parent_test"], info["step0_test"]
+    print(f"upcycled {args.run} (step {info['parent_step']}) into {args.out}: "
+          f"{args.experts} {args.mode} experts, top-{args.top_k}, blocks "
+          f"{info['moe_blocks']}, noise {args.noise:g}, {info['steps']} steps")
+    print(f"test caption loss: parent {p['test_caption']:.4f}, upcycled at step 0 "
+          f"{s0['test_caption']:.4f}")
+    if result.evaluations:
+        print(format_report(result.evaluations[-1], builtin=info["data"] is None))
+    print(f"metrics: {os.path.join(args.out, run_folder.METRICS_NAME)}  checkpoint: "
+          f"{os.path.join(args.out, run_folder.CKPT_NAME)}")
     return 0

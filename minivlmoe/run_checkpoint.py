@@ -86,15 +86,22 @@ def _check_logit_scale(ckpt, train_cfg, fail, prior=0.0):
     ``exp(log_logit_scale)`` finite in the parameters' dtype.
     """
     value = float(ckpt.params["log_logit_scale"])
-    reach = _adam_reach(train_cfg, ckpt.step) + prior
+    # a run started from another run's weights (an upcycled run) adds that run's updates,
+    # bounded at this run's peak lr (an upcycled run keeps its parent's lr)
+    updates = ckpt.extra.get("prior_updates", 0) if isinstance(ckpt.extra, dict) else 0
+    if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
+        fail(f"extra['prior_updates'] must be an int >= 0, got {updates!r:.100}")
+    reach = _adam_reach(train_cfg, ckpt.step + updates) + prior
     limit = float(np.log(np.finfo(ckpt.params["log_logit_scale"].dtype).max))
     if value > limit:
         fail(f"params['log_logit_scale'] = {value:.6g} exceeds log(max float) = "
              f"{limit:.2f}: exp() of it is not finite")
     if abs(value - contrastive.LOG_LOGIT_SCALE_INIT) > reach:
+        parent = f" and the parent's training" if prior else ""
         fail(f"params['log_logit_scale'] = {value:.6g} is out of reach of training: "
-             f"{ckpt.step} AdamW updates at lr <= {train_cfg.lr:g} move it at most "
-             f"{reach:.4g} from its initial value {contrastive.LOG_LOGIT_SCALE_INIT:.4f}")
+             f"{ckpt.step + updates} AdamW updates at lr <= {train_cfg.lr:g}{parent} move it "
+             f"at most {reach:.4g} from its initial value "
+             f"{contrastive.LOG_LOGIT_SCALE_INIT:.4f}")
 
 
 def _check_rng(name, state, fail):

@@ -157,12 +157,16 @@ class _RunState:
     sums: dict            # loss sums since the last evaluation
     count: int            # steps in those sums
     elapsed0: float       # wall seconds of earlier sessions of this run
+    prior_updates: int = 0  # AdamW updates of a parent run (minivlmoe/compress/upcycle.py)
 
     def save(self, path, config, elapsed):
+        extra = {"stream": self.stream.state(), "sums": self.sums, "count": self.count,
+                 "elapsed_s": elapsed}
+        if self.prior_updates:                # only runs made from another run's weights
+            extra["prior_updates"] = self.prior_updates
         checkpoint.save(path, params=self.params, opt_state=self.opt_state, step=self.step,
                         config=config, rng_state={"model": self.model_rng.bit_generator.state},
-                        extra={"stream": self.stream.state(), "sums": self.sums,
-                               "count": self.count, "elapsed_s": elapsed})
+                        extra=extra)
 
 
 def _fresh_state(model_cfg, train_cfg, n_train):
@@ -183,7 +187,8 @@ def _resumed_state(path, config, train_cfg, n_train):
                          BatchStream.from_state(n_train, train_cfg.batch_size,
                                                 ckpt.extra["stream"]),
                          dict(ckpt.extra["sums"]), int(ckpt.extra["count"]),
-                         float(ckpt.extra["elapsed_s"]))
+                         float(ckpt.extra["elapsed_s"]),
+                         int(ckpt.extra.get("prior_updates", 0)))
     except (KeyError, TypeError, ValueError) as e:
         raise checkpoint.CheckpointError(
             f"checkpoint {os.fspath(path)}: no valid training state to resume from "

@@ -8,4 +8,5 @@ Modules, in reading order:
 * ``finetune`` -- a compressed run: convert a run's parameters, write a new run folder,
   fine-tune it with the training loop; its pattern check on load.
 * ``curve`` -- the density-quality-speed curve (``compress --sweep``).
+* ``upcycle`` -- a dense run's FFN copied into every expert, fresh routers, trained further.
 """
