@@ -414,9 +414,9 @@ def plot_summary(summary, path, title=""):
                 ax.annotate(f"E={e['num_experts']}", (e["stored_params"], e[key][0]),
                             textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(thousands)
-        ax.xaxis.set_minor_formatter(thousands)
-        ax.tick_params(axis="x", which="minor", labelsize=8)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("stored parameters (log scale; equal active compute per token)")
         ax.set_title(name, fontsize=10)
         ax.grid(True, alpha=0.3)
