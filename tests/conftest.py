@@ -34,6 +34,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE",
                                      "ci" if os.environ.get("CI") else "dev"))
 
 
+def one_error_line(capsys):
+    """The single stderr line of a failed command (asserting there is exactly one, that it
+    starts with ``minivlmoe: error:`` and that no traceback was printed)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("minivlmoe: error: "), err
+    return lines[0]
+
+
 def readonly(*arrays):
     """Mark arrays read-only (a backward that writes into its inputs then raises)."""
     for a in arrays:

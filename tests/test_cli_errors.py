@@ -17,16 +17,9 @@ import pytest
 
 from minivlmoe import checkpoint, cli, divergence, run_checkpoint, run_folder, runs, train
 
+from conftest import one_error_line
+
 TINY = ["train", "--preset", "tiny", "--quiet"]
-
-
-def _one_error_line(capsys):
-    """The single stderr line (asserting there is exactly one and no traceback)."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("minivlmoe: error: "), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +106,7 @@ def test_expected_failure_is_one_line_and_exit_1(case, run_dir, tmp_path, capsys
         hook(monkeypatch)
     capsys.readouterr()
     assert cli.main(argv(tmp_path, run_dir)) == 1
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert expected in line, line
 
 
@@ -128,7 +121,7 @@ def test_divergence_keeps_the_last_checkpoint_and_logs_nothing_of_it(tmp_path, c
     out = tmp_path / "r"
     assert cli.main([*TINY, "--eval-every", "1", "--lr", "10",
                      "--out", str(out)]) == 1
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "at step 2" in line and f"the checkpoint of step 1 is kept: {out / 'ckpt.npz'}" \
         in line
     assert [r["step"] for r in run_folder.read_metrics(out)] == [1]
@@ -193,7 +186,7 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_checkpoint(tmp_path, 
     saves = _fill_the_disk_at_the_second_save(monkeypatch)
     out = tmp_path / "r"
     assert cli.main([*TINY, "--steps", "8", "--eval-every", "4", "--out", str(out)]) == 1
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert f"No space left on device ({out / 'ckpt.npz'})" in line
     assert "the previous checkpoint is intact" in line
     monkeypatch.undo()

@@ -11,6 +11,8 @@ from minivlmoe import checkpoint, cli, run_checkpoint, run_folder
 from minivlmoe.compress import finetune, prune
 from minivlmoe.tree import flatten
 
+from conftest import one_error_line
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -20,12 +22,6 @@ def tiny_run(tmp_path_factory):
     return str(out)
 
 
-def _one_error_line(capsys):
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("minivlmoe: error: "), err
-    return lines[0]
 
 
 def _patterns(params):
@@ -127,17 +123,17 @@ def test_expected_failures_are_one_line(tiny_run, tmp_path, capsys):
     out = str(tmp_path / "o")
     assert cli.main(["compress", str(tmp_path / "missing"), "--density", "0.5",
                      "--out", out]) == 1
-    assert "missing" in _one_error_line(capsys)
+    assert "missing" in one_error_line(capsys)
     assert cli.main(["compress", tiny_run, "--density", "0.5", "--out", tiny_run]) == 1
-    assert "not the run itself" in _one_error_line(capsys)
+    assert "not the run itself" in one_error_line(capsys)
     assert cli.main(["compress", tiny_run, "--density", "0.5", "--finetune-steps", "1",
                      "--out", out, "--quiet"]) == 0
     capsys.readouterr()
     assert cli.main(["compress", tiny_run, "--density", "0.5", "--out", out]) == 1
-    assert "already holds a run" in _one_error_line(capsys)
+    assert "already holds a run" in one_error_line(capsys)
     assert cli.main(["compress", out, "--density", "0.25", "--out",
                      str(tmp_path / "again")]) == 1
-    assert "already compressed" in _one_error_line(capsys)
+    assert "already compressed" in one_error_line(capsys)
 
 
 def test_curve_on_a_tiny_grid_is_resumable(tiny_run, tmp_path, capsys, monkeypatch):
