@@ -56,7 +56,7 @@ import sys
 
 # No NumPy at the top: main() sets the BLAS threads before anything loads NumPy
 # (minivlmoe/threads.py); import it inside the functions that need it.
-from . import threads
+from . import heap, threads
 
 
 def fail(message):
@@ -370,6 +370,7 @@ def main(argv=None):
     """Run one subcommand with the BLAS threads chosen (module docstring); the expected
     failures become one line and exit status 1, anything else keeps its traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    heap.keep_freed_heap()                       # no page faults between steps (heap.py)
     with threads.limit(threads.choose(argv)):    # before the parser's imports load NumPy
         return _run(argv)
 
