@@ -440,9 +440,10 @@ def cmd_compress(args):
         return fail(f"--density {args.density} is above the run's density "
                     f"{model_cfg.density} (pruning never adds entries)")
     if not magnitude:            # a rank the run's weights cannot take: a usage error
+        from .compress.lowrank import check_arguments
+
         try:
-            finetune.convert(ckpt.params, model_cfg, method="lowrank", rank=args.rank,
-                             energy=args.energy)
+            check_arguments(ckpt.params, model_cfg, rank=args.rank, energy=args.energy)
         except ValueError as e:
             args.parser.error(str(e))
     progress = None if args.quiet else sys.stderr

@@ -90,6 +90,27 @@ def energy_rank(s, energy):
     return int(min(np.searchsorted(kept, energy - 1e-12) + 1, len(sq)))
 
 
+def check_arguments(params, model_cfg, *, rank=None, energy=None):
+    """``(rank, energy)`` of :func:`lowrank_params`, validated against ``params`` without
+    factoring anything; ValueError / TypeError naming the bad one."""
+    check_config(model_cfg)
+    if (rank is None) == (energy is None):
+        raise ValueError(f"exactly one of rank and energy must be given, got rank={rank!r}, "
+                         f"energy={energy!r}")
+    paths = eligible_paths(params)
+    if not paths:
+        raise ValueError("params have no unfactored attention or FFN weight to factor "
+                         f"(already factored: {len(model_cfg.lowrank)} layer(s))")
+    if rank is not None:
+        layers = dict(_layers(params))
+        top = max(min(layers[path]["W"].shape) for path in paths)
+        rank = check_int(f"rank (at most the largest min(in, out) of the factored "
+                         f"weights, {top})", rank, 1, top)
+    else:
+        energy = check_float("energy", energy, 0.0, 1.0, low_open=True)
+    return rank, energy
+
+
 def lowrank_params(params, model_cfg, *, rank=None, energy=None):
     """Factor every chosen weight of ``params`` by truncated SVD.
 
@@ -109,21 +130,9 @@ def lowrank_params(params, model_cfg, *, rank=None, energy=None):
     new_model_cfg : ``model_cfg`` with ``lowrank`` extended by ``{path: rank}``.
     report : list of per-layer dicts (module docstring).
     """
-    check_config(model_cfg)
-    if (rank is None) == (energy is None):
-        raise ValueError(f"exactly one of rank and energy must be given, got rank={rank!r}, "
-                         f"energy={energy!r}")
+    rank, energy = check_arguments(params, model_cfg, rank=rank, energy=energy)
     layers = dict(_layers(params))
     paths = eligible_paths(params)
-    if not paths:
-        raise ValueError("params have no unfactored attention or FFN weight to factor "
-                         f"(already factored: {len(model_cfg.lowrank)} layer(s))")
-    if rank is not None:
-        top = max(min(layers[path]["W"].shape) for path in paths)
-        rank = check_int(f"rank (at most the largest min(in, out) of the factored "
-                         f"weights, {top})", rank, 1, top)
-    else:
-        energy = check_float("energy", energy, 0.0, 1.0, low_open=True)
     ranks, report = {}, []
     for path in paths:
         W = layers[path]["W"]
