@@ -34,29 +34,13 @@ def measure(experts, steps, warmup):
     from minivlmoe import heap
 
     kept = heap.keep_freed_heap()
-    import numpy as np
-
-    from minivlmoe import model, optim, runs, train
-    from minivlmoe.tokenizer import PAD_ID
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from minivlmoe import runs
+    from train_step import make_step      # the same step as benchmarks/train_step.py
 
     mcfg, tcfg = runs.preset_configs("default", experts=experts)
     tcfg = runs.TrainConfig(**{**tcfg.to_dict(), "n_train": 512, "n_test": 2})
-    data = runs.make_data(tcfg, mcfg.image_size).train
-    images = data.images.astype(mcfg.dtype)                               # (Bn, R, R, Ch)
-    ids = runs.builtin_tokenizer().encode(data.captions, mcfg.max_text_len)  # (Bn, T)
-    keys = train.evaluate.caption_keys(data.captions)                     # (Bn,)
-    rng = np.random.default_rng(0)
-    params = model.init(rng, mcfg)
-    state = optim.init_state(params)
-    adamw = tcfg.adamw()
-    stream = train.BatchStream(len(ids), tcfg.batch_size, rng)
-
-    def one_step():
-        idx = stream.next()                                               # (B,)
-        _, grads, _ = model.loss_and_grads(params, mcfg, images[idx], ids[idx],
-                                           pad_id=PAD_ID, keys=keys[idx], rng=rng,
-                                           train=True)
-        optim.step(params, grads, state, adamw)
+    one_step = make_step(mcfg, tcfg)
 
     for _ in range(warmup):
         one_step()

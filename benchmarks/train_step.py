@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)          # this checkout's minivlmoe, installed or not
 
 from minivlmoe import model, model_config, optim, runs, train
-from minivlmoe.timing import SectionTimer  # noqa: E402
+from minivlmoe.timing import NULL_TIMER, SectionTimer  # noqa: E402
 from minivlmoe.moe import aux_losses, dispatch, experts, router
 from minivlmoe.tokenizer import PAD_ID  # noqa: E402
 
@@ -65,6 +65,33 @@ def instrument_moe(holder):
         setattr(aux_losses, name, wrap(getattr(aux_losses, name), "routing"))
 
 
+def make_step(mcfg, tcfg):
+    """``step(timer=NULL_TIMER)``: one training step of ``mcfg`` on batches of the built-in
+    world drawn as :func:`minivlmoe.train.train` draws them (batch gathering, forward and
+    backward, AdamW), on parameters initialized here; benchmarks/page_faults.py uses it."""
+    tokenizer = runs.builtin_tokenizer()
+    data = runs.make_data(tcfg, mcfg.image_size).train
+    images = data.images.astype(mcfg.dtype)                           # (Bn, R, R, Ch)
+    ids = tokenizer.encode(data.captions, mcfg.max_text_len)          # (Bn, T)
+    keys = train.evaluate.caption_keys(data.captions)                  # (Bn,)
+    rng = np.random.default_rng(0)
+    params = model.init(rng, mcfg)
+    state = optim.init_state(params)
+    adamw = tcfg.adamw()
+    stream = train.BatchStream(len(ids), tcfg.batch_size, rng)
+
+    def step(timer=NULL_TIMER):
+        with timer.section("data"):
+            idx = stream.next()                                        # (B,)
+            batch = images[idx], ids[idx], keys[idx]
+        _, grads, _ = model.loss_and_grads(params, mcfg, batch[0], batch[1], pad_id=PAD_ID,
+                                           keys=batch[2], rng=rng, train=True, timer=timer)
+        with timer.section("optimizer"):
+            optim.step(params, grads, state, adamw)
+
+    return step
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="default", choices=sorted(runs.PRESETS))
@@ -79,29 +106,13 @@ def main():
     tcfg = runs.TrainConfig(**{**tcfg.to_dict(), "n_train": max(tcfg.batch_size, 512),
                                 "n_test": 2, "steps": max(tcfg.steps,
                                                           args.steps + args.warmup)})
-    tokenizer = runs.builtin_tokenizer()
-    data = runs.make_data(tcfg, mcfg.image_size).train
-    images = data.images.astype(mcfg.dtype)                           # (Bn, R, R, Ch)
-    ids = tokenizer.encode(data.captions, mcfg.max_text_len)          # (Bn, T)
-    keys = train.evaluate.caption_keys(data.captions)                  # (Bn,)
-    rng = np.random.default_rng(0)
-    params = model.init(rng, mcfg)
-    state = optim.init_state(params)
-    adamw = tcfg.adamw()
-    stream = train.BatchStream(len(ids), tcfg.batch_size, rng)
-
+    step = make_step(mcfg, tcfg)
     holder = {"timer": SectionTimer()}
     instrument_moe(holder)
 
     def one_step(timer):
         holder["timer"] = timer
-        with timer.section("data"):
-            idx = stream.next()                                        # (B,)
-            batch = images[idx], ids[idx], keys[idx]
-        _, grads, _ = model.loss_and_grads(params, mcfg, batch[0], batch[1], pad_id=PAD_ID,
-                                           keys=batch[2], rng=rng, train=True, timer=timer)
-        with timer.section("optimizer"):
-            optim.step(params, grads, state, adamw)
+        step(timer)
 
     for _ in range(args.warmup):
         one_step(SectionTimer())
