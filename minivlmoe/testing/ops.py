@@ -34,14 +34,19 @@ def sparse_linear_cases(rng):
                                               ("per-entry gather", 0.01, 120, 3, 1),
                                               ("CSR + GEMM", 0.05, 60, 5, 1)):
         params = sparse_linear.init(rng, d_in, d_out, density, dtype=np.float64, group=group)
-        params["b"] = rng.standard_normal(d_out)
-        x = rng.standard_normal((2, 3, d_in))                    # (B, S, Din)
-        cases.append(GradcheckCase(
-            f"sparse_linear({name}, density={density})",
-            {"x": x, "params": params},
-            lambda a: sparse_linear.forward(a["x"], a["params"]),
-            _named(("x", "params"), sparse_linear.backward)))
+        cases.append(_linear_case(f"sparse_linear({name}, density={density})", params, rng))
     return cases + pruned_linear_cases()
+
+
+def _linear_case(name, params, rng):
+    """The gradcheck case of ``sparse_linear`` on ``params`` (its bias and a (2, 3, Din)
+    input drawn from ``rng``)."""
+    d_out, d_in = params["W"].shape
+    params["b"] = rng.standard_normal(d_out)
+    x = rng.standard_normal((2, 3, d_in))                        # (B, S, Din)
+    return GradcheckCase(name, {"x": x, "params": params},
+                         lambda a: sparse_linear.forward(a["x"], a["params"]),
+                         _named(("x", "params"), sparse_linear.backward))
 
 
 def pruned_linear_cases():
@@ -58,13 +63,8 @@ def pruned_linear_cases():
                                             ("row-group", 0.02, 200, 4)):
         params = sparse_linear.init(rng, d_in, d_out, 1.0, dtype=np.float64)
         params["W"] = prune_weight(params["W"], density, structure, group=4)
-        params["b"] = rng.standard_normal(d_out)
-        x = rng.standard_normal((2, 3, d_in))                    # (B, S, Din)
-        cases.append(GradcheckCase(
-            f"sparse_linear(pruned {structure} {density})",
-            {"x": x, "params": params},
-            lambda a: sparse_linear.forward(a["x"], a["params"]),
-            _named(("x", "params"), sparse_linear.backward)))
+        cases.append(_linear_case(f"sparse_linear(pruned {structure} {density})", params,
+                                  rng))
     return cases
 
 
