@@ -26,7 +26,11 @@ p        patch side in pixels (the config's patch)
 P        patches per image, (R / p)^2
 T        text tokens per caption, bos/eos/pad included
 Tmax     the longest caption the position table holds (max_text_len)
-S        sequence length seen by attention: 1 + P, T, or 1 + P + T in fusion mode
+S        sequence length seen by attention: 1 + P + Tc + Tr in training (1 + P, T or 1 + P + t alone)
+Tc       caption segment of the sequence, T - 1 positions (0 when absent)
+Tr       retrieval-text segment of the sequence, T positions (0 when absent)
+Sq       query positions of one attention block (segment attention)
+Sk       key positions of one attention block (segment attention)
 N        flattened tokens, N = B * S (rows of the MoE layer and of the linear layers)
 U        non-pad token rows, U <= N
 D        model width

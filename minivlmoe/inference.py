@@ -117,7 +117,7 @@ def greedy_decode(params, cfg, images, *, bos_id, eos_id, pad_id, max_len,
         for t in range(1, max_len):
             seq, _ = sequence.embed(params, cfg, chunk, out[:, :t], None,
                                     pad_id)                        # (b, 1+P+t, D)
-            h, _, _, _ = tower.forward(seq.x, seq.mask, seq.modality, seq.rows, params,
+            h, _, _, _ = tower.forward(seq.x, seq.blocks, seq.modality, seq.rows, params,
                                        cfg)                        # (b, S, D)
             logits, _ = linear.forward(h[:, -1], params["lm_head"])  # (b, V)
             logits[:, [pad_id, bos_id]] = -np.inf                  # never generated

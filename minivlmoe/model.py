@@ -180,7 +180,7 @@ def forward(params, cfg, images, ids, *, pad_id, keys=None, rng=None, train=Fals
     layout = seq.layout
 
     # ---- the tower
-    h, aux_total, stats, c_tower = tower.forward(seq.x, seq.mask, seq.modality, seq.rows,
+    h, aux_total, stats, c_tower = tower.forward(seq.x, seq.blocks, seq.modality, seq.rows,
                                                  params, cfg, rng=rng, train=train,
                                                  timer=timer)     # (B, S, D)
 

@@ -48,7 +48,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._checks import check_array, check_int
-from .ops import patch_embed, token_embed
+from .ops import patch_embed, segment_attention, token_embed
 from . import tree
 
 IMAGE, TEXT = 0, 1           # modality ids (moe_config.MODALITIES order)
@@ -92,6 +92,8 @@ class Sequence(NamedTuple):
     ------
     x : (B, S, D) embedded tokens.
     mask : (B, S, S) bool, the block mask.
+    blocks : tuple of segment_attention.Block, the same mask as the blocks it allows
+        (what the tower's attention computes: minivlmoe/ops/segment_attention.py).
     modality : (N,) int, IMAGE or TEXT per flattened token.
     rows : (U,) int, flat indices of the used (non-pad) tokens.
     layout : Layout.
@@ -99,6 +101,7 @@ class Sequence(NamedTuple):
 
     x: np.ndarray
     mask: np.ndarray
+    blocks: tuple
     modality: np.ndarray
     rows: np.ndarray
     layout: Layout
@@ -187,6 +190,37 @@ def block_mask(seg, pos, valid):
     return allowed[None] & valid[:, None, :]                      # (B, S, S)
 
 
+def attention_blocks(layout, valid):
+    """The block mask as the blocks it allows (:class:`segment_attention.Block`):
+
+    * image rows over the image keys (no mask: image positions are never padding);
+    * caption rows over the image and caption keys ``[0, 1+P+Tc)``, prefix-causal: the
+      caption row at sequence position ``s`` sees key ``t`` iff ``t <= s`` (every image
+      key is before every caption row) and ``t`` is not padding;
+    * retrieval rows over the retrieval keys, those that are not padding.
+
+    valid : (B, S) bool, False on padding keys.  Returns a tuple of Blocks (absent
+    segments have none); :func:`segment_attention.dense_mask` of it equals
+    :func:`block_mask`.
+    """
+    blocks = []
+    im, cap, ret = layout.image_slice, layout.caption_slice, layout.retrieval_slice
+    if layout.image:
+        image_mask = None if valid[:, im].all() else valid[:, None, im]  # (B, 1, 1+P)
+        blocks.append(segment_attention.Block(queries=im, keys=im, mask=image_mask))
+    if layout.caption:
+        seen = slice(0, cap.stop)                                  # image and caption keys
+        s = np.arange(cap.start, cap.stop)[:, None]                # (Tc, 1) query position
+        t = np.arange(cap.stop)[None, :]                           # (1, 1+P+Tc) key position
+        causal = t <= s                                            # (Tc, 1+P+Tc)
+        blocks.append(segment_attention.Block(
+            queries=cap, keys=seen, mask=causal[None] & valid[:, None, seen]))  # (B, Tc, 1+P+Tc)
+    if layout.retrieval:
+        blocks.append(segment_attention.Block(queries=ret, keys=ret,
+                                              mask=valid[:, None, ret]))  # (B, 1, Tr)
+    return tuple(blocks)
+
+
 # ----------------------------------------------------------------------------- embedding
 
 def embed(params, cfg, images, cap_in, ret_ids, pad_id, cap_valid=None):
@@ -206,7 +240,7 @@ def embed(params, cfg, images, cap_in, ret_ids, pad_id, cap_valid=None):
 
     Returns
     -------
-    seq : Sequence(x (B, S, D), mask (B, S, S), modality (N,), rows (U,), layout).
+    seq : Sequence(x (B, S, D), mask (B, S, S), blocks, modality (N,), rows (U,), layout).
     cache : EmbedCache, for :func:`embed_backward`.
     """
     B = images.shape[0]
@@ -227,9 +261,10 @@ def embed(params, cfg, images, cap_in, ret_ids, pad_id, cap_valid=None):
         valid[:, layout.retrieval_slice] = ret_ids != pad_id
     seg, pos = segments(layout)                                    # (S,), (S,)
     mask = block_mask(seg, pos, valid)                             # (B, S, S)
+    blocks = attention_blocks(layout, valid)                       # the same, by blocks
     modality = np.repeat((seg != SEG_IMAGE)[None], B, axis=0).reshape(-1).astype(np.int64)
     rows = np.flatnonzero(valid)                                   # (U,) non-pad tokens
-    seq = Sequence(x=x, mask=mask, modality=modality, rows=rows, layout=layout)
+    seq = Sequence(x=x, mask=mask, blocks=blocks, modality=modality, rows=rows, layout=layout)
     cache = EmbedCache(layout=layout, patch=c_patch, caption=c_cap, retrieval=c_ret,
                        text=params["text"])
     return seq, cache

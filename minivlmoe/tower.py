@@ -40,7 +40,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._checks import check_bool
-from .ops import attention, ffn, layernorm
+from .ops import attention, ffn, layernorm, segment_attention
 from .moe import moe_config, moe_layer, router
 from .timing import NULL_TIMER
 from .tree import zeros_like
@@ -59,7 +59,7 @@ class BlockCache(NamedTuple):
     """
 
     ln1: layernorm.Cache
-    attn: attention.Cache
+    attn: attention.Cache | segment_attention.Cache
     ln2: layernorm.Cache
     kind: str
     mix: object
@@ -158,6 +158,20 @@ def _split_backward(df, cache, daux_total):
     return df_rows, dmoe, dffn
 
 
+def _attention(a_in, params, heads, mask):
+    """Attention by segments when ``mask`` is a tuple of segment_attention.Block (the
+    model's sequences), masked attention when it is a bool array or None."""
+    if isinstance(mask, tuple):
+        return segment_attention.forward(a_in, params, heads, mask)   # (B, S, D)
+    return attention.forward(a_in, params, heads, mask)               # (B, S, D)
+
+
+def _attention_backward(dy, cache):
+    if isinstance(cache, segment_attention.Cache):
+        return segment_attention.backward(dy, cache)
+    return attention.backward(dy, cache)
+
+
 def forward(x, mask, modality, rows, params, cfg, *, rng=None, train=False,
             timer=NULL_TIMER):
     """All blocks and the final layer norm.
@@ -169,7 +183,9 @@ def forward(x, mask, modality, rows, params, cfg, *, rng=None, train=False,
     Parameters
     ----------
     x : (B, S, D) embedded tokens.
-    mask : bool broadcastable to (B, S, S) or None (full attention).
+    mask : the attention mask: a tuple of segment_attention.Block (attention by
+        segments: the model's sequences, ``Sequence.blocks``), or a bool array
+        broadcastable to (B, S, S), or None (full attention).
     modality : (N,) int, 0 image / 1 text per flattened token (N = B*S).
     rows : (U,) int flat indices of the tokens that go through the FFN/MoE sublayers,
         or None for all N.
@@ -194,7 +210,7 @@ def forward(x, mask, modality, rows, params, cfg, *, rng=None, train=False,
         p = params["blocks"][str(i)]
         with timer.section("attention"):
             a_in, c_ln1 = layernorm.forward(x, p["ln1"], LN_EPS)   # (B, S, D)
-            a, c_attn = attention.forward(a_in, p["attn"], cfg.heads, mask)  # (B, S, D)
+            a, c_attn = _attention(a_in, p["attn"], cfg.heads, mask)  # (B, S, D)
             x1 = x + a                                             # (B, S, D) residual
         with timer.section(kind):
             f_in, c_ln2 = layernorm.forward(x1, p["ln2"], LN_EPS)  # (B, S, D)
@@ -271,7 +287,7 @@ def backward(dh, cache, daux_total=1.0, *, timer=NULL_TIMER):
         with timer.section("attention"):
             # x1 = x + attn(a_in): fork into the residual and the attention branch
             dx_resid = dx1                                         # (B, S, D)
-            da_in, g["attn"] = attention.backward(dx1, c.attn)     # (B, S, D)
+            da_in, g["attn"] = _attention_backward(dx1, c.attn)    # (B, S, D)
             # a_in = LN1(x)
             dx_ln, g["ln1"] = layernorm.backward(da_in, c.ln1)     # (B, S, D)
             dx = dx_resid + dx_ln                                  # (B, S, D) forks join

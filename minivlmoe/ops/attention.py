@@ -53,6 +53,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import linear, softmax, sparse_linear
+from .sums import column_sum
+from ..tree import with_values
 from .._checks import (check_array, check_bool, check_cache, check_grad, check_int,
                        check_params, check_same_dtype)
 
@@ -117,12 +119,131 @@ def make_mask(valid=None, *, S=None, causal=False, prefix=0):
     return allowed[None] & valid[:, None, :]                       # (B, S, S) keys masked
 
 
+class QKVCache(NamedTuple):
+    """What :func:`project_qkv_backward` needs.
+
+    Fields
+    ------
+    x2 : (N, D) the projections' input, flattened (the fused product's saved input).
+    Wd : (3D, D) the stacked dense weights ``[Wq; Wk; Wv]`` when the three projections ran
+        as one product, else None.
+    W : the three csr weights (their patterns, for the gradients) when fused, else None.
+    lin : dict {"q","k","v"} of linear caches when they ran as three products, else None.
+    lead : (B, S), the input's leading shape.
+    """
+
+    x2: np.ndarray
+    Wd: np.ndarray | None
+    W: tuple | None
+    lin: dict | None
+    lead: tuple
+
+
+def project_qkv(x, params, heads):
+    """The Q, K and V projections of ``x`` (B, S, D), head-split: ``(qkv, cache)``.
+
+    ``qkv`` is one (3, B, H, S, Dh) array: ``qkv[0], qkv[1], qkv[2]`` are q, k, v.  When
+    all three weights take sparse_linear's dense path (density 1, or >= DENSE_ABOVE) they
+    run as ONE product with the stacked weight ``[Wq; Wk; Wv]`` (3D, D): one BLAS call
+    over a 3x wider output instead of three, and one head split.  Otherwise (low-density
+    patterns, factored layers) each is its own :func:`linear.forward`.  Both give the same
+    numbers to rounding.
+    """
+    B, S, D = x.shape
+    dense = [None if linear.is_factored(params[n]) else sparse_linear.dense_weight(params[n]["W"])
+             for n in ("q", "k", "v")]
+    x2 = x.reshape(B * S, D)                                       # (N, D) 'b s d -> (b s) d'
+    if all(w is not None for w in dense):
+        for n in ("q", "k", "v"):          # what sparse_linear.forward would check
+            sparse_linear.check_layer(f"params['{n}']", params[n])
+        Wd = np.concatenate(dense)                                 # (3D, D) [Wq; Wk; Wv]
+        bd = np.concatenate([params[n]["b"] for n in ("q", "k", "v")])  # (3D,)
+        y = x2 @ Wd.T                                              # (N, 3D) one BLAS product
+        y += bd                                                    # (N, 3D) in place
+        cache = QKVCache(x2=x2, Wd=Wd, W=tuple(params[n]["W"] for n in ("q", "k", "v")),
+                         lin=None, lead=(B, S))
+    else:
+        lin = {}
+        y = np.empty((B * S, 3 * D), dtype=x.dtype)                # (N, 3D)
+        for i, n in enumerate(("q", "k", "v")):
+            y[:, i * D:(i + 1) * D], lin[n] = linear.forward(x2, params[n])  # (N, D)
+        cache = QKVCache(x2=x2, Wd=None, W=None, lin=lin, lead=(B, S))
+    qkv = y.reshape(B, S, 3, heads, D // heads)                    # (B, S, 3, H, Dh)
+    qkv = np.ascontiguousarray(qkv.transpose(2, 0, 3, 1, 4))       # (3, B, H, S, Dh)
+    return qkv, cache
+
+
+def project_qkv_backward(dqkv, cache):
+    """Reverse of :func:`project_qkv`: ``(dx, {"q", "k", "v": dparams})`` from ``dqkv``
+    (3, B, H, S, Dh)."""
+    B, S = cache.lead
+    N, D = cache.x2.shape
+    dy = dqkv.transpose(1, 3, 0, 2, 4).reshape(N, 3 * D)           # (N, 3D) 'r b h s e -> (b s) (r h e)'
+    dparams = {}
+    if cache.Wd is not None:
+        # y = x2 Wd^T + bd  ->  dx = dy Wd,  dWd = dy^T x2,  dbd = sum_n dy
+        dx = dy @ cache.Wd                                         # (N, D)
+        dWd = dy.T @ cache.x2                                      # (3D, D)
+        dbd = column_sum(dy)                                       # (3D,)
+        for i, (n, W) in enumerate(zip(("q", "k", "v"), cache.W)):
+            rows = slice(i * D, (i + 1) * D)
+            dparams[n] = {"W": with_values(W, sparse_linear.pattern_values(W, dWd[rows])),
+                          "b": dbd[rows]}
+    else:
+        dx = np.zeros((N, D), dtype=dy.dtype)                      # (N, D) x forks 3 ways
+        for i, n in enumerate(("q", "k", "v")):
+            dxi, dparams[n] = linear.backward(dy[:, i * D:(i + 1) * D], cache.lin[n])
+            dx += dxi                                              # (N, D) forks join
+    return dx.reshape(B, S, D), dparams                            # (B, S, D)
+
+
+def attend_masked(q, k, v, scale, mask):
+    """The masked core: ``(ctx, probs)`` from q, k, v (B, H, S, Dh) and a mask
+    broadcastable to (B, S, S) (or None)."""
+    scores = q @ k.transpose(0, 1, 3, 2)                           # (B, H, S, S)
+    scores *= scale                                                # (B, H, S, S) in place
+    if mask is not None:
+        allowed = mask[..., None, :, :] if mask.ndim == 3 else mask  # (B|1, 1, S, S) or (S, S)
+        np.copyto(scores, -np.inf, where=~allowed)                 # (B, H, S, S) masked keys
+    probs, _ = softmax.forward(scores, axis=-1)                    # (B, H, S, S) 0 where masked
+    return probs @ v, probs                                        # (B, H, S, Dh), (B, H, S, S)
+
+
+def attend_masked_backward(dctx, q, k, v, probs, scale):
+    """Reverse of :func:`attend_masked`: ``(dq, dk, dv)``, each (B, H, S, Dh)."""
+    # ctx = p @ v
+    dp = dctx @ v.transpose(0, 1, 3, 2)                            # (B, H, S, S)
+    dv = probs.transpose(0, 1, 3, 2) @ dctx                        # (B, H, S, Dh)
+    # p = softmax(scores), masked scores at -inf: dscores = 0 wherever p = 0
+    dscores = softmax.backward(dp, softmax.Cache(p=probs, axis=3))  # (B, H, S, S)
+    # scores = (q @ k^T) * scale  (a masked score is a constant -inf: no gradient)
+    dscores *= scale                                               # (B, H, S, S) in place
+    dq = dscores @ k                                               # (B, H, S, Dh)
+    dk = dscores.transpose(0, 1, 3, 2) @ q                         # (B, H, S, Dh)
+    return dq, dk, dv
+
+
+def check_inputs(x, params, heads):
+    """Validate ``x`` (B, S, D), ``heads`` and the four projections; returns ``heads``."""
+    check_array("x", x, ndim=3, axes="(B, S, D)")
+    D = x.shape[2]
+    heads = _check_heads(heads, D)
+    check_params("params", params, PROJECTIONS)
+    for name in PROJECTIONS:
+        shape, w_name, W = linear.check(f"params['{name}']", params[name])  # W or A B
+        if shape != (D, D):
+            raise ValueError(f"{w_name} must have shape (D, D)=({D}, {D}), got {W.shape}")
+        check_same_dtype("x", x, w_name, W)
+    return heads
+
+
 class Cache(NamedTuple):
     """What backward needs.
 
     Fields
     ------
-    lin : dict {"q","k","v","o"} of linear caches (sparse_linear or lowrank_linear) (the projections' inputs).
+    qkv : QKVCache of the Q/K/V projections (one fused product or three).
+    o : the output projection's linear cache (sparse_linear or lowrank_linear).
     q, k, v : (B, H, S, Dh) the projected, head-split queries, keys and values
         (q and k for dk and dq, v for dp).
     probs : (B, H, S, S) attention weights ``p`` (rows sum to 1 over allowed keys, are
@@ -131,7 +252,8 @@ class Cache(NamedTuple):
     scale : float, 1/sqrt(Dh).
     """
 
-    lin: dict
+    qkv: QKVCache
+    o: object
     q: np.ndarray
     k: np.ndarray
     v: np.ndarray
@@ -139,13 +261,13 @@ class Cache(NamedTuple):
     scale: float
 
 
-def _split_heads(a, heads):
+def split_heads(a, heads):
     """'b s (h e) -> b h s e'."""
     B, S, D = a.shape
     return a.reshape(B, S, heads, D // heads).transpose(0, 2, 1, 3)   # (B, H, S, Dh)
 
 
-def _merge_heads(a):
+def merge_heads(a):
     """'b h s e -> b s (h e)' (inverse of :func:`_split_heads`)."""
     B, H, S, Dh = a.shape
     return a.transpose(0, 2, 1, 3).reshape(B, S, H * Dh)              # (B, S, D)
@@ -179,34 +301,18 @@ def forward(x, params, heads, mask=None):
     Returns
     -------
     y : (B, S, D), dtype of ``x``.
-    cache : Cache (fields ``lin``, ``q``, ``k``, ``v``, ``probs``, ``scale``).
+    cache : Cache (fields ``qkv``, ``o``, ``q``, ``k``, ``v``, ``probs``, ``scale``).
     """
-    check_array("x", x, ndim=3, axes="(B, S, D)")
+    heads = check_inputs(x, params, heads)
     B, S, D = x.shape
-    heads = _check_heads(heads, D)
-    check_params("params", params, PROJECTIONS)
-    for name in PROJECTIONS:
-        shape, w_name, W = linear.check(f"params['{name}']", params[name])  # W or A B
-        if shape != (D, D):
-            raise ValueError(f"{w_name} must have shape (D, D)=({D}, {D}), got {W.shape}")
-        check_same_dtype("x", x, w_name, W)
     if mask is not None:
         mask = _check_mask(mask, B, S)
     scale = 1.0 / float(np.sqrt(D // heads))                       # a Python float keeps float32
-    lin = {}
-    q, lin["q"] = linear.forward(x, params["q"])                   # (B, S, D)
-    k, lin["k"] = linear.forward(x, params["k"])                   # (B, S, D)
-    v, lin["v"] = linear.forward(x, params["v"])                   # (B, S, D)
-    q, k, v = (_split_heads(a, heads) for a in (q, k, v))          # (B, H, S, Dh) each
-    scores = q @ k.transpose(0, 1, 3, 2)                           # (B, H, S, S)
-    scores *= scale                                                # (B, H, S, S) in place
-    if mask is not None:
-        allowed = mask[..., None, :, :] if mask.ndim == 3 else mask  # (B|1, 1, S, S) or (S, S)
-        np.copyto(scores, -np.inf, where=~allowed)                 # (B, H, S, S) masked keys
-    probs, _ = softmax.forward(scores, axis=-1)                    # (B, H, S, S) 0 where masked
-    ctx = probs @ v                                                # (B, H, S, Dh)
-    y, lin["o"] = linear.forward(_merge_heads(ctx), params["o"])         # (B, S, D)
-    return y, Cache(lin=lin, q=q, k=k, v=v, probs=probs, scale=scale)
+    qkv, c_qkv = project_qkv(x, params, heads)                     # (3, B, H, S, Dh)
+    q, k, v = qkv                                                  # (B, H, S, Dh) each
+    ctx, probs = attend_masked(q, k, v, scale, mask)               # (B, H, S, Dh), (B, H, S, S)
+    y, c_o = linear.forward(merge_heads(ctx), params["o"])        # (B, S, D)
+    return y, Cache(qkv=c_qkv, o=c_o, q=q, k=k, v=v, probs=probs, scale=scale)
 
 
 def backward(dy, cache):
@@ -223,26 +329,17 @@ def backward(dy, cache):
     dparams : {"q","k","v","o"}, each {"W": csr_array with W's pattern, "b": (D,)}.
     """
     check_cache(cache, Cache)
-    lead, d_out, _ = linear.output(cache.lin["o"])
+    lead, d_out, _ = linear.output(cache.o)
     check_grad("dy", dy, lead + (d_out,), cache.q.dtype)
-    lin, q, k, v, p, scale = cache
-    heads = q.shape[1]
-    dparams = {}
+    heads = cache.q.shape[1]
     # y = o(merge(ctx))
-    dctx, dparams["o"] = linear.backward(dy, lin["o"])             # (B, S, D)
-    dctx = _split_heads(dctx, heads)                               # (B, H, S, Dh)
-    # ctx = p @ v
-    dp = dctx @ v.transpose(0, 1, 3, 2)                            # (B, H, S, S)
-    dv = p.transpose(0, 1, 3, 2) @ dctx                            # (B, H, S, Dh)
-    # p = softmax(scores), masked scores at -inf: dscores = 0 wherever p = 0
-    dscores = softmax.backward(dp, softmax.Cache(p=p, axis=3))     # (B, H, S, S)
-    # scores = (q @ k^T) * scale  (a masked score is a constant -inf: no gradient)
-    dscores *= scale                                               # (B, H, S, S) in place
-    dq = dscores @ k                                               # (B, H, S, Dh)
-    dk = dscores.transpose(0, 1, 3, 2) @ q                         # (B, H, S, Dh)
+    dctx, do = linear.backward(dy, cache.o)                        # (B, S, D)
+    dctx = split_heads(dctx, heads)                               # (B, H, S, Dh)
+    # ctx = attend(q, k, v)
+    dqkv = np.empty((3,) + cache.q.shape, dtype=cache.q.dtype)     # (3, B, H, S, Dh)
+    dqkv[0], dqkv[1], dqkv[2] = attend_masked_backward(dctx, cache.q, cache.k, cache.v,
+                                                       cache.probs, cache.scale)
     # q, k, v = proj(x): x forks into three branches, their gradients add
-    dxq, dparams["q"] = linear.backward(_merge_heads(dq), lin["q"])         # (B, S, D)
-    dxk, dparams["k"] = linear.backward(_merge_heads(dk), lin["k"])         # (B, S, D)
-    dxv, dparams["v"] = linear.backward(_merge_heads(dv), lin["v"])         # (B, S, D)
-    dx = dxq + dxk + dxv                                           # (B, S, D)
+    dx, dparams = project_qkv_backward(dqkv, cache.qkv)            # (B, S, D)
+    dparams["o"] = do
     return dx, {name: dparams[name] for name in PROJECTIONS}

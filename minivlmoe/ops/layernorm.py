@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .sums import column_sum, row_mean
 from .._checks import (check_array, check_cache, check_dtype, check_float, check_grad, check_int,
                        check_params, check_same_dtype)
 
@@ -78,12 +79,14 @@ def forward(x, params, eps=1e-5):
             raise ValueError(f"{name} must have shape (D,) = ({d},), got {p.shape}")
         check_same_dtype(name, p, "x", x)
     eps = check_float("eps", eps, 0.0, None, low_open=True)
-    mu = x.mean(axis=-1, keepdims=True)                          # (..., 1)
-    xc = x - mu                                                  # (..., D)
-    var = (xc * xc).mean(axis=-1, keepdims=True)                 # (..., 1) biased
-    rstd = 1.0 / np.sqrt(var + eps)                              # (..., 1)
-    xhat = xc * rstd                                             # (..., D)
-    y = xhat * gamma + beta                                      # (..., D)
+    mu = row_mean(x)                                             # (..., 1)
+    xhat = x - mu                                                # (..., D) x - mu, for now
+    var = row_mean(xhat * xhat)                                  # (..., 1) biased
+    var += eps
+    rstd = 1.0 / np.sqrt(var)                                    # (..., 1)
+    xhat *= rstd                                                 # (..., D) in place: xhat
+    y = xhat * gamma                                             # (..., D)
+    y += beta                                                    # (..., D) in place
     return y, Cache(xhat=xhat, rstd=rstd, gamma=gamma)
 
 
@@ -103,15 +106,17 @@ def backward(dy, cache):
     check_cache(cache, Cache)
     check_grad("dy", dy, cache.xhat.shape, cache.xhat.dtype)
     xhat, rstd, gamma = cache
-    lead_axes = tuple(range(xhat.ndim - 1))                      # every axis but D
     # y = xhat * gamma + beta
-    dbeta = np.sum(dy, axis=lead_axes)                           # (D,)
-    dgamma = np.sum(dy * xhat, axis=lead_axes)                   # (D,)
+    dbeta = column_sum(dy)                                       # (D,)
+    dgamma = column_sum(dy * xhat)                               # (D,)
     dxhat = dy * gamma                                           # (..., D)
     # xhat = (x - mu) * rstd, with mu and rstd themselves functions of x (fused)
-    mean_dxhat = dxhat.mean(axis=-1, keepdims=True)              # (..., 1)
-    mean_dxhat_xhat = (dxhat * xhat).mean(axis=-1, keepdims=True)  # (..., 1)
-    dx = rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat)    # (..., D)
+    mean_dxhat = row_mean(dxhat)                                 # (..., 1)
+    mean_dxhat_xhat = row_mean(dxhat * xhat)                     # (..., 1)
+    dx = xhat * mean_dxhat_xhat                                  # (..., D)
+    np.subtract(dxhat, dx, out=dx)                               # (..., D) dxhat - xhat m2
+    dx -= mean_dxhat                                             #          - m1
+    dx *= rstd                                                   #          times rstd
     dtype = xhat.dtype
     return dx.astype(dtype, copy=False), {"gamma": dgamma.astype(dtype, copy=False),
                                           "beta": dbeta.astype(dtype, copy=False)}

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .sums import row_sum
 from .._checks import check_array, check_bool, check_cache, check_grad, check_int
 
 
@@ -62,6 +63,14 @@ def _shifted_exp(name, x, axis):
     e = np.subtract(x, m)                                        # (...) every exponent <= 0
     np.exp(e, out=e)                                             # (...) in place, exp(-inf) = 0
     return e, m
+
+
+def _sum(a, axis):
+    """``a.sum(axis, keepdims=True)``; over the last axis as a product with ones
+    (minivlmoe/ops/sums.py says why)."""
+    if axis == a.ndim - 1:
+        return row_sum(a)                                        # (..., 1)
+    return a.sum(axis=axis, keepdims=True)                       # (..., 1, ...)
 
 
 def logsumexp(x, axis=-1, keepdims=False):
@@ -114,7 +123,7 @@ def forward(x, axis=-1):
     """
     axis = _check_logits("x", x, axis)
     p, _ = _shifted_exp("x", x, axis)                            # (...) e, normalized below
-    s = p.sum(axis=axis, keepdims=True)                          # (..., 1, ...) in [1, n], or 0
+    s = _sum(p, axis)                                            # (..., 1, ...) in [1, n], or 0
     s[s == 0] = 1.0                                              # (..., 1, ...) all-masked: 0 / 1
     p /= s                                                       # (...) in place: p = e / s
     return p, Cache(p=p, axis=axis)
@@ -131,7 +140,7 @@ def backward(dp, cache):
     check_grad("dp", dp, cache.p.shape, cache.p.dtype)
     p, axis = cache
     dx = p * dp                                                  # (...)
-    dot = dx.sum(axis=axis, keepdims=True)                       # (..., 1, ...) sum p dp
+    dot = _sum(dx, axis)                                         # (..., 1, ...) sum p dp
     np.subtract(dp, dot, out=dx)                                 # (...) in place: dp - dot
     dx *= p                                                      # (...) p (dp - dot)
     return dx.astype(p.dtype, copy=False)

@@ -57,6 +57,7 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
+from .sums import column_sum
 from ..tree import csr_on_pattern, with_values
 from .._checks import (check_array, check_cache, check_csr, check_dtype, check_float, check_grad,
                        check_int, check_params, check_rng, check_same_dtype)
@@ -138,6 +139,44 @@ def row_groups(W):
     return r, z
 
 
+def check_layer(name, params):
+    """Validate a layer's ``{"W", "b"}`` (canonical CSR, finite values, a (Dout,) bias of
+    W's dtype); returns ``(W, b)``.  ``name`` names the params in the errors."""
+    check_params(name, params, ("W", "b"))
+    W, b = params["W"], params["b"]
+    check_csr(f"{name}['W']", W)
+    check_array(f"{name}['W'].data", W.data)                    # dtype and finite, O(nnz)
+    check_array(f"{name}['b']", b, ndim=1, axes="(Dout,)")
+    if b.shape != (W.shape[0],):
+        raise ValueError(f"{name}['b'] must have shape ({W.shape[0]},), got {b.shape}")
+    check_same_dtype(f"{name}['b']", b, f"{name}['W']", W)
+    return W, b
+
+
+def dense_weight(W):
+    """``W`` as a dense (Dout, Din) array when the layer takes the dense path, else None.
+
+    Full pattern (canonical): ``W.data`` *is* ``W`` in row-major order, so this is a
+    view, no copy.  Stored density >= DENSE_ABOVE: the expanded ``W.toarray()``.
+    """
+    d_out, d_in = W.shape
+    if W.nnz == d_out * d_in:
+        return W.data.reshape(d_out, d_in)                       # (Dout, Din) a view
+    if stored_density(W) >= DENSE_ABOVE:
+        return W.toarray()                                       # (Dout, Din)
+    return None
+
+
+def pattern_values(W, dWd):
+    """The entries of a dense (Dout, Din) gradient ``dWd`` at ``W``'s stored pattern,
+    in ``W.data``'s order: (nnz,).  A reshape for the full pattern, a gather otherwise."""
+    d_out, d_in = W.shape
+    if W.nnz == d_out * d_in:
+        return dWd.reshape(-1)                                   # (nnz,) full pattern: row-major
+    rows = np.repeat(np.arange(d_out), np.diff(W.indptr))        # (nnz,) row of each entry
+    return dWd[rows, W.indices]                                  # (Dout, Din) -> (nnz,) gather
+
+
 class Cache(NamedTuple):
     """What backward needs.
 
@@ -167,29 +206,19 @@ def forward(x, params):
     y : (..., Dout), dtype of ``x``.
     cache : Cache
     """
-    check_params("params", params, ("W", "b"))
-    W, b = params["W"], params["b"]
-    check_csr("params['W']", W)
-    check_array("params['W'].data", W.data)                     # dtype and finite, O(nnz)
+    W, b = check_layer("params", params)
     d_out, d_in = W.shape
     check_array("x", x)
     if x.ndim < 1 or x.shape[-1] != d_in:
         raise ValueError(f"x must have shape (..., Din={d_in}), got {x.shape}")
     check_same_dtype("x", x, "params['W']", W)
-    check_array("params['b']", b, ndim=1, axes="(Dout,)")
-    if b.shape != (d_out,):
-        raise ValueError(f"params['b'] must have shape ({d_out},), got {b.shape}")
-    check_same_dtype("params['b']", b, "params['W']", W)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_in)                                     # (N, Din)  '... i -> (...) i'
-    Wd, groups = None, None
-    if W.nnz == d_out * d_in:  # full pattern, canonical: W.data is W in row-major order
-        Wd = W.data.reshape(d_out, d_in)                         # (Dout, Din) a view, no copy
-        y = x2 @ Wd.T + b                                        # (N, Dout) BLAS, any layout
-        saved = x2
-    elif stored_density(W) >= DENSE_ABOVE:
-        Wd = W.toarray()                                         # (Dout, Din)
-        y = x2 @ Wd.T + b                                        # (N, Dout) BLAS, any layout
+    groups = None
+    Wd = dense_weight(W)                                         # (Dout, Din) or None
+    if Wd is not None:
+        y = x2 @ Wd.T                                            # (N, Dout) BLAS, any layout
+        y += b                                                   # (N, Dout) in place
         saved = x2
     else:
         xT = feature_major(x2)                                   # (Din, N)
@@ -234,13 +263,9 @@ def backward(dy, cache):
         x2 = saved                                               # (N, Din)
         # y = x Wd^T + b  ->  dx = dy Wd,  dWd = dy^T x,  db = sum_n dy
         dx = dy2 @ Wd                                            # (N, Din) BLAS
-        db = dy2.sum(axis=0)                                     # (Dout,)
+        db = column_sum(dy2)                                     # (Dout,)
         dWd = dy2.T @ x2                                         # (Dout, Din)
-        if W.nnz == d_out * d_in:
-            dW_data = dWd.reshape(-1)                            # (nnz,) full pattern: row-major
-        else:
-            rows = np.repeat(np.arange(d_out), np.diff(W.indptr))  # (nnz,) row of each entry
-            dW_data = dWd[rows, W.indices]                       # (Dout, Din) -> (nnz,) gather
+        dW_data = pattern_values(W, dWd)                         # (nnz,)
     else:
         dyT = feature_major(dy2)                                 # (Dout, N)
         # yT = W xT + b  ->  dxT = W^T dyT,  db = sum_n dyT

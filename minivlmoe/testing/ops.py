@@ -13,7 +13,8 @@ import numpy as np
 
 from ..gradcheck import GradcheckCase
 from ..ops import (attention, contrastive, cross_entropy, ffn, gelu, l2norm, layernorm, linear,
-                   lowrank_linear, patch_embed, softmax, sparse_linear, token_embed)
+                   lowrank_linear, patch_embed, segment_attention, softmax, sparse_linear,
+                   token_embed)
 
 
 def _named(names, backward):
@@ -332,6 +333,48 @@ def attention_cases(rng):
     return cases
 
 
+def sequence_blocks(valid, image, caption):
+    """The model's three blocks (minivlmoe/sequence.py) for a sequence of ``image``
+    image positions, ``caption`` caption positions and the rest retrieval text, with
+    key validity ``valid`` (B, S); image positions must be valid."""
+    from ..sequence import Layout, attention_blocks
+    layout = Layout(image=image, caption=caption, retrieval=valid.shape[1] - image - caption)
+    return attention_blocks(layout, valid)
+
+
+def segment_attention_case(name, x, params, heads, blocks):
+    """Attention by segments of ``x`` (B, S, D); the key bias skipped as for attention."""
+    def backward(dout, cache):
+        dx, dparams = segment_attention.backward(dout, cache)
+        dparams["k"] = {"W": dparams["k"]["W"]}
+        return {"x": dx, "params": dparams}
+    return GradcheckCase(name, {"x": x, "params": params},
+                         lambda a: segment_attention.forward(a["x"], a["params"], heads, blocks),
+                         backward, h=ATTENTION_H, skip=KEY_BIAS_SKIP)
+
+
+def segment_attention_cases(rng):
+    """The model's layout [image 2 | caption 3 | retrieval 3] with caption and retrieval
+    padding, dense and sparse projections; and one block over all keys (no mask)."""
+    B, D, H = 2, 6, 2
+    valid = np.array([[1, 1, 1, 1, 0, 1, 1, 0],
+                      [1, 1, 1, 0, 0, 1, 0, 0]], dtype=bool)      # (B, S) S = 2 + 3 + 3
+    S = valid.shape[1]
+    layouts = {"image|caption|retrieval": sequence_blocks(valid, 2, 3),
+               "one block": (segment_attention.Block(queries=slice(0, S), keys=slice(0, S),
+                                                     mask=None),)}
+    cases = []
+    for label, blocks in layouts.items():
+        for density in (1.0, 0.4):
+            params = attention.init(rng, D, H, density, dtype=np.float64)
+            for name in attention.PROJECTIONS:
+                params[name]["b"] = 0.1 * rng.standard_normal(D)
+            x = rng.standard_normal((B, S, D))                   # (B, S, D)
+            cases.append(segment_attention_case(
+                f"segment_attention({label}, density={density})", x, params, H, blocks))
+    return cases
+
+
 # ----------------------------------------------------------------------------------------
 # ffn
 
@@ -381,5 +424,6 @@ GROUPS = [
     ("ops.patch_embed", patch_embed_cases),
     ("ops.token_embed", token_embed_cases),
     ("ops.attention", attention_cases),
+    ("ops.segment_attention", segment_attention_cases),
     ("ops.ffn", ffn_cases),
 ]
