@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)          # this checkout's minivlmoe, installed or not
 
-from minivlmoe import model, model_config, optim, runs, train
+from minivlmoe import heap, model, model_config, optim, runs, train
 from minivlmoe.timing import NULL_TIMER, SectionTimer  # noqa: E402
 from minivlmoe.moe import aux_losses, dispatch, experts, router
 from minivlmoe.tokenizer import PAD_ID  # noqa: E402
@@ -93,6 +93,7 @@ def make_step(mcfg, tcfg):
 
 
 def main():
+    heap.keep_freed_heap()          # as the command line does (minivlmoe/heap.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="default", choices=sorted(runs.PRESETS))
     parser.add_argument("--experts", default=None, choices=model_config.EXPERT_MODES)

@@ -3,10 +3,22 @@
 Each helper raises ``ValueError`` or ``TypeError`` with a message that names the
 argument, what was expected and what arrived, e.g.
 ``ValueError("x must have 2 dimensions (N, Din), got shape (3, 4, 5)")``.
+
+Checked once per public call
+----------------------------
+Every op checks its arguments, so each op can be called on its own.  Inside the model
+the same arrays pass through many ops, and a finiteness scan of every activation at
+every hop is a pass over the data that finds nothing new: the model checked its
+inputs and its parameters when the call began, and finite inputs give finite
+activations (an overflow still shows as a non-finite loss, which training stops on).
+So :func:`checked_inputs` opens a region in which :func:`check_array` skips its O(n)
+finiteness scan; its O(1) checks (type, dtype, rank) stay.  Only the model's public
+entry points open it (``minivlmoe.model.forward``), after their own full checks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import numpy as np
@@ -69,6 +81,21 @@ def check_rng(name, rng):
     return rng
 
 
+_CHECKED_DEPTH = 0     # > 0 inside checked_inputs(): finiteness scans are skipped
+
+
+@contextlib.contextmanager
+def checked_inputs():
+    """A region whose inputs the public call that opens it has already checked in full:
+    :func:`check_array` skips its finiteness scans inside it (module docstring)."""
+    global _CHECKED_DEPTH
+    _CHECKED_DEPTH += 1
+    try:
+        yield
+    finally:
+        _CHECKED_DEPTH -= 1
+
+
 def check_array(name, x, *, ndim=None, axes=None, dtype_kind="f", finite=True):
     """Validate a NumPy array argument and return it.
 
@@ -79,7 +106,8 @@ def check_array(name, x, *, ndim=None, axes=None, dtype_kind="f", finite=True):
     ndim : int or None, required number of dimensions.
     axes : str or None, axis letters for the message, e.g. "(N, Din)".
     dtype_kind : "f" (floating), "i" (integer), "b" (bool) or None (any).
-    finite : bool, reject NaN and inf (floating arrays only).
+    finite : bool, reject NaN and inf (floating arrays only; skipped inside
+        :func:`checked_inputs`).
     """
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
@@ -92,7 +120,7 @@ def check_array(name, x, *, ndim=None, axes=None, dtype_kind="f", finite=True):
         raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
     if dtype_kind == "b" and x.dtype != np.bool_:
         raise TypeError(f"{name} must have dtype bool, got {x.dtype}")
-    if finite and x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+    if finite and not _CHECKED_DEPTH and x.dtype.kind == "f" and not np.all(np.isfinite(x)):
         bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
         raise ValueError(f"{name} must be finite, got {bad} NaN or inf value(s)")
     return x

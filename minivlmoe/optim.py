@@ -206,8 +206,6 @@ def _check_step_inputs(p_flat, g_flat, m_flat, v_flat):
         if g.dtype != w.dtype:
             raise TypeError(f"grads[{path!r}] must have the dtype of params ({w.dtype}), "
                             f"got {g.dtype}")
-        if not np.all(np.isfinite(_values(g))):
-            raise ValueError(f"grads[{path!r}] must be finite, got NaN or inf")
         values = _values(w)
         if not values.flags.writeable:
             raise ValueError(f"params[{path!r}] must be writeable (updated in place)")
@@ -218,6 +216,15 @@ def _check_step_inputs(p_flat, g_flat, m_flat, v_flat):
                                  f"{values.shape} and dtype {w.dtype}, got "
                                  f"{getattr(s, 'shape', type(s).__name__)} "
                                  f"{getattr(s, 'dtype', '')}")
+
+
+def _raise_non_finite(g_flat):
+    """Name the first gradient leaf holding NaN or inf (the global norm was not finite)."""
+    for path, g in g_flat.items():
+        if not np.all(np.isfinite(_values(g))):
+            raise ValueError(f"grads[{path!r}] must be finite, got NaN or inf")
+    raise ValueError("grads must have a finite global norm, got an overflow to inf "
+                     "(every value is finite but their squares sum past float64's range)")
 
 
 def step(params, grads, state, cfg):
@@ -249,6 +256,8 @@ def step(params, grads, state, cfg):
     t = check_int("state['step']", state["step"], 0) + 1
     lr = lr_at(t, cfg)
     norm = global_norm(grads)
+    if not math.isfinite(norm):         # one test for all: a NaN or inf value makes it so
+        _raise_non_finite(g_flat)
     scale = _clip_scale(norm, cfg.max_grad_norm)
     beta1, beta2 = cfg.betas
     c1 = 1.0 - beta1 ** t                                        # bias corrections

@@ -11,6 +11,8 @@ the experts, the model, the checkpoints and the gradient checker all import them
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -32,8 +34,18 @@ def csr_on_pattern(data, indices, indptr, shape):
 
 
 def with_values(pattern, data):
-    """A ``csr_array`` with ``pattern``'s indices and indptr (shared) and values ``data`` (nnz,)."""
-    return csr_on_pattern(data, pattern.indices, pattern.indptr, pattern.shape)
+    """A ``csr_array`` with ``pattern``'s indices and indptr (shared) and values ``data`` (nnz,).
+
+    Built as a shallow copy of ``pattern`` with its ``data`` replaced: the pattern is
+    already a valid canonical CSR, so scipy's constructor checks (about 20 us per call,
+    a gradient per weight per step) would find nothing; only the length is checked.
+    """
+    if not isinstance(data, np.ndarray) or data.shape != (pattern.nnz,):
+        raise ValueError(f"data must be an ndarray of shape (nnz,) = ({pattern.nnz},), "
+                         f"got {getattr(data, 'shape', type(data).__name__)}")
+    out = copy.copy(pattern)             # a new csr_array sharing indices and indptr
+    out.data = data                      # (nnz,) its own values; pattern.data untouched
+    return out
 
 
 def flatten(tree, prefix=""):
