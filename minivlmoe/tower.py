@@ -4,7 +4,7 @@ Forward (per block i, then LN_f)::
 
     a_in = LN1(x)                                   (B, S, D)
     x1   = x + attention(a_in, mask)                (B, S, D)   residual
-    f_in = LN2(x1)[rows]                            (U, D)      the used (non-pad) rows
+    f_in = LN2(x1[rows])                            (U, D)      the used (non-pad) rows only
     f    = F(f_in)                                  (U, D)      dense FFN, or MoE (+ aux)
     x2   = x1 + scatter_rows(f)                     (B, S, D)   residual; pad rows: x1
     h    = LN_f(x_L)                                (B, S, D)   after the last block
@@ -24,7 +24,7 @@ Backward: the reverse call list, every residual fork named::
     for each block, last first:
         dx1_resid = dx2                              x2 = x1 + scatter_rows(f): fork
         df_in     = F.backward(dx2[rows])            MoE: its aux losses enter with daux_total
-        dx1       = dx1_resid + LN2.backward(scatter_rows(df_in))      forks join
+        dx1       = dx1_resid + scatter_rows(LN2.backward(df_in))      forks join
         dx_resid  = dx1                              x1 = x + attention(a_in): fork
         dx        = dx_resid + LN1.backward(attention.backward(dx1))   forks join
 
@@ -213,9 +213,10 @@ def forward(x, mask, modality, rows, params, cfg, *, rng=None, train=False,
             a, c_attn = _attention(a_in, p["attn"], cfg.heads, mask)  # (B, S, D)
             x1 = x + a                                             # (B, S, D) residual
         with timer.section(kind):
-            f_in, c_ln2 = layernorm.forward(x1, p["ln2"], LN_EPS)  # (B, S, D)
-            f_in = f_in.reshape(N, D)                              # (N, D) 'b s d -> (b s) d'
-            f_rows = f_in if rows is None else f_in[rows]          # (U, D) used tokens
+            x1_rows = x1.reshape(N, D)                             # (N, D) 'b s d -> (b s) d'
+            if rows is not None:
+                x1_rows = x1_rows[rows]                            # (U, D) used tokens
+            f_rows, c_ln2 = layernorm.forward(x1_rows, p["ln2"], LN_EPS)  # (U, D) row-wise
             if kind == "moe":
                 f, aux, c_mix = moe_layer.forward(f_rows, p["moe"], mcfg, mod_rows,
                                                   rng=rng, train=train)  # (U, D)
@@ -275,15 +276,14 @@ def backward(dh, cache, daux_total=1.0, *, timer=NULL_TIMER):
                 df_rows, g["moe"], g["ffn"] = _split_backward(df, c.mix, daux_total)  # (U, D)
             else:
                 df_rows, g["ffn"] = ffn.backward(df, c.mix)        # (U, D)
+            # f_in = LN2(x1[rows])
+            dx1_ln, g["ln2"] = layernorm.backward(df_rows, c.ln2)  # (U, D)
+            dx1 = dx1_resid.copy()                                 # (N, D)
             if rows is None:
-                df_in = df_rows.reshape(B, S, D)                   # (B, S, D)
+                dx1 += dx1_ln                                      # (N, D) forks join
             else:
-                df_in = np.zeros((N, D), dtype=df_rows.dtype)      # (N, D) pad rows: 0
-                df_in[rows] = df_rows                              # (U, D)
-                df_in = df_in.reshape(B, S, D)                     # (B, S, D)
-            # f_in = LN2(x1)
-            dx1_ln, g["ln2"] = layernorm.backward(df_in, c.ln2)    # (B, S, D)
-            dx1 = dx1_resid.reshape(B, S, D) + dx1_ln              # (B, S, D) forks join
+                dx1[rows] += dx1_ln                                # (U, D) forks join, rows distinct
+            dx1 = dx1.reshape(B, S, D)                             # (B, S, D)
         with timer.section("attention"):
             # x1 = x + attn(a_in): fork into the residual and the attention branch
             dx_resid = dx1                                         # (B, S, D)
