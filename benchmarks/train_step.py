@@ -85,7 +85,8 @@ def make_step(mcfg, tcfg):
             idx = stream.next()                                        # (B,)
             batch = images[idx], ids[idx], keys[idx]
         _, grads, _ = model.loss_and_grads(params, mcfg, batch[0], batch[1], pad_id=PAD_ID,
-                                           keys=batch[2], rng=rng, train=True, timer=timer)
+                                           keys=batch[2], rng=rng, train=True, all_losses=False,
+                                           timer=timer)
         with timer.section("optimizer"):
             optim.step(params, grads, state, adamw)
 

@@ -143,7 +143,7 @@ class Cache(NamedTuple):
 
 
 def forward(params, cfg, images, ids, *, pad_id, keys=None, rng=None, train=False,
-            timer=NULL_TIMER):
+            all_losses=True, timer=NULL_TIMER):
     """Forward of the training objective (arguments as :func:`loss_and_grads`).
 
     Returns ``(losses, stats, cache)``, not ``(out, cache)``: the routing statistics
@@ -173,7 +173,8 @@ def forward(params, cfg, images, ids, *, pad_id, keys=None, rng=None, train=Fals
         positives = contrastive.duplicate_positives(keys)         # (B, B)
     check_finite_params(params)
     with checked_inputs():              # inputs checked in full: no scan at every op
-        return _forward(params, cfg, images, ids, pad_id, positives, rng, train, timer)
+        return _forward(params, cfg, images, ids, pad_id, positives, rng, train,
+                        check_bool("all_losses", all_losses), timer)
 
 
 def check_finite_params(params):
@@ -186,7 +187,7 @@ def check_finite_params(params):
             raise ValueError(f"params[{path!r}] must be finite, got NaN or inf value(s)")
 
 
-def _forward(params, cfg, images, ids, pad_id, positives, rng, train, timer):
+def _forward(params, cfg, images, ids, pad_id, positives, rng, train, all_losses, timer):
     """:func:`forward` after its checks: ``(losses, stats, cache)``."""
     B = ids.shape[0]
     use_cap, use_ret = cfg.caption_weight > 0, cfg.contrastive_weight > 0
@@ -201,6 +202,7 @@ def _forward(params, cfg, images, ids, pad_id, positives, rng, train, timer):
     # ---- the tower
     h, aux_total, stats, c_tower = tower.forward(seq.x, seq.blocks, seq.modality, seq.rows,
                                                  params, cfg, rng=rng, train=train,
+                                                 all_losses=all_losses,
                                                  timer=timer)     # (B, S, D)
 
     # ---- heads and losses
@@ -224,8 +226,9 @@ def _forward(params, cfg, images, ids, pad_id, positives, rng, train, timer):
     losses["aux"] = float(aux_total)
     losses["total"] = (cfg.contrastive_weight * losses["contrastive"]
                        + cfg.caption_weight * losses["caption"] + losses["aux"])
-    for name in aux_losses.AUX_LOSSES:
-        losses[f"aux_{name}"] = float(sum(s["losses"][name] for s in stats.values()))
+    for name in aux_losses.AUX_LOSSES:     # all_losses=False: only the weighted ones
+        if all(name in s["losses"] for s in stats.values()):
+            losses[f"aux_{name}"] = float(sum(s["losses"][name] for s in stats.values()))
     stats = {"moe": stats,
              "temperature": float(np.exp(-params["log_logit_scale"])),
              "logit_scale": float(np.exp(params["log_logit_scale"])),
@@ -286,7 +289,7 @@ def backward(dtotal, cache, *, timer=NULL_TIMER):
 
 
 def loss_and_grads(params, cfg, images, ids, *, pad_id, keys=None, rng=None, train=True,
-                   timer=NULL_TIMER):
+                   all_losses=True, timer=NULL_TIMER):
     """Losses, gradients of ``losses["total"]`` and routing statistics for one batch.
 
     Parameters
@@ -299,6 +302,9 @@ def loss_and_grads(params, cfg, images, ids, *, pad_id, keys=None, rng=None, tra
     rng : numpy.random.Generator for the router noise (needed when train and
         router_noise > 0).
     train : bool, router noise on.
+    all_losses : bool.  True: every auxiliary loss is computed and reported.  False:
+        only those of non-zero weight (their sum, the gradient and ``losses["aux"]`` are
+        the same; the ``aux_<name>`` keys of the others are absent): the training step.
     timer : object with a ``section(name)`` context manager (minivlmoe/timing.py);
         sections "embed", "attention", "ffn", "moe", "losses".
 
@@ -312,7 +318,7 @@ def loss_and_grads(params, cfg, images, ids, *, pad_id, keys=None, rng=None, tra
         exp(log_logit_scale), "tokens" U}.
     """
     losses, stats, cache = forward(params, cfg, images, ids, pad_id=pad_id, keys=keys, rng=rng,
-                                   train=train, timer=timer)
+                                   train=train, all_losses=all_losses, timer=timer)
     grads = backward(1.0, cache, timer=timer)
     return losses, grads, stats
 

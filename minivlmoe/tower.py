@@ -125,7 +125,7 @@ def _moe_stats(aux, margin):
             "min_margin": margin, "pools": pools}
 
 
-def _split_forward(f_rows, p, cfg, mcfg, mod_rows, *, rng, train):
+def _split_forward(f_rows, p, cfg, mcfg, mod_rows, *, rng, train, all_losses):
     """A "split" block's FFN sublayer: ``(f, aux_total, stats or None, SplitCache)``."""
     expert_id = moe_config.MODALITIES.index(cfg.moe_modalities)   # 0 image, 1 text
     on = np.flatnonzero(mod_rows == expert_id)                     # (on.size,)
@@ -134,7 +134,8 @@ def _split_forward(f_rows, p, cfg, mcfg, mod_rows, *, rng, train):
     aux_total, stat, c_moe, c_ffn = 0.0, None, None, None
     if on.size:
         f[on], aux, c_moe = moe_layer.forward(f_rows[on], p["moe"], mcfg, mod_rows[on],
-                                              rng=rng, train=train)  # (on.size, D)
+                                              rng=rng, train=train,
+                                              all_losses=all_losses)  # (on.size, D)
         aux_total = aux.aux_total
         stat = _moe_stats(aux, _router_margin(c_moe, cfg.top_k))
         stat["pools"] = {cfg.moe_modalities: stat["pools"]["shared"]}   # the one pool
@@ -172,7 +173,7 @@ def _attention_backward(dy, cache):
     return attention.backward(dy, cache)
 
 
-def forward(x, mask, modality, rows, params, cfg, *, rng=None, train=False,
+def forward(x, mask, modality, rows, params, cfg, *, rng=None, train=False, all_losses=True,
             timer=NULL_TIMER):
     """All blocks and the final layer norm.
 
@@ -191,6 +192,8 @@ def forward(x, mask, modality, rows, params, cfg, *, rng=None, train=False,
         or None for all N.
     params : the model params (``"blocks"`` and ``"ln_f"`` are used).   cfg : ModelConfig.
     rng, train : router noise (MoE layers only).
+    all_losses : False computes only the auxiliary losses of non-zero weight
+        (``moe_layer.forward``); the statistics then report only those.
     timer : sections "attention", "ffn", "moe" (minivlmoe/timing.py).
 
     Returns
@@ -219,12 +222,14 @@ def forward(x, mask, modality, rows, params, cfg, *, rng=None, train=False,
             f_rows, c_ln2 = layernorm.forward(x1_rows, p["ln2"], LN_EPS)  # (U, D) row-wise
             if kind == "moe":
                 f, aux, c_mix = moe_layer.forward(f_rows, p["moe"], mcfg, mod_rows,
-                                                  rng=rng, train=train)  # (U, D)
+                                                  rng=rng, train=train,
+                                                  all_losses=all_losses)  # (U, D)
                 aux_total += aux.aux_total
                 stats[f"blocks.{i}"] = _moe_stats(aux, _router_margin(c_mix, cfg.top_k))
             elif kind == "split":
                 f, aux_split, stat, c_mix = _split_forward(f_rows, p, cfg, mcfg, mod_rows,
-                                                           rng=rng, train=train)  # (U, D)
+                                                           rng=rng, train=train,
+                                                           all_losses=all_losses)  # (U, D)
                 aux_total += aux_split
                 if stat is not None:
                     stats[f"blocks.{i}"] = stat

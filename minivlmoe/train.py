@@ -9,7 +9,8 @@ the model from ``train_cfg.seed`` and repeats ``train_cfg.steps`` times::
 
     idx                = stream.next()                 # (B,) a shuffled batch of pairs
     losses, grads, st  = model.loss_and_grads(params, cfg, images[idx], ids[idx],
-                                              keys=keys[idx], rng=model_rng, train=True)
+                                              keys=keys[idx], rng=model_rng, train=True,
+                                              all_losses=False)   # weighted aux only
     optim.step(params, grads, opt_state, adamw)        # AdamW, in place
 
 Every ``eval_every`` steps and at the end it runs :func:`minivlmoe.evaluate.evaluate`
@@ -335,7 +336,7 @@ def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_a
             losses, grads, _ = model.loss_and_grads(state.params, model_cfg, batch[0],
                                                     batch[1], pad_id=PAD_ID, keys=batch[2],
                                                     rng=state.model_rng, train=True,
-                                                    timer=sections)
+                                                    all_losses=False, timer=sections)
         except (FloatingPointError, ValueError) as e:
             if state.step == 0 or not blew_up(e):    # initial parameters: not divergence
                 raise

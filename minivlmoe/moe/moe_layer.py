@@ -106,7 +106,8 @@ class Aux(NamedTuple):
     Fields
     ------
     losses : dict name -> float over ``aux_losses.AUX_LOSSES`` (summed over pools,
-        and over modality groups for the entropy losses).
+        and over modality groups for the entropy losses); with ``all_losses=False``
+        only the losses of non-zero weight.
     aux_total : float, ``sum_name config.aux_weights[name] * losses[name]``.
     stats : dict pool name ("shared", or "image" and "text") -> PoolStats.
     dropped_fraction : float, dropped assignments / all N*K assignments of the layer.
@@ -158,8 +159,9 @@ def _check_modality(modality, n, config):
     return modality
 
 
-def _pool_forward(x, params, config, modality, noise):
-    """One pool on its own tokens; returns (y, losses, stats, PoolCache)."""
+def _pool_forward(x, params, config, modality, noise, names):
+    """One pool on its own tokens; returns (y, losses, stats, PoolCache).  ``names``:
+    the auxiliary losses to compute (every one, or those with a non-zero weight)."""
     n = x.shape[0]
     k, e = config.k, config.num_experts
     routing, r_cache = router.forward(x, params["router"], k, config.renormalize, noise)
@@ -176,15 +178,20 @@ def _pool_forward(x, params, config, modality, noise):
     assign = aux_losses.top_k_indicator(routing.experts, e, probs.dtype)  # (N, E) 0/1
     groups = [None] if modality is None else [np.flatnonzero(modality == m) for m in (0, 1)]
     losses, caches = {}, {}
-    losses["load_balance"], c = aux_losses.load_balance_forward(probs, assign, k)
-    caches["load_balance"] = [(None, c)]
-    losses["importance"], c = aux_losses.importance_forward(probs)
-    caches["importance"] = [(None, c)]
-    losses["z_loss"], c = aux_losses.z_loss_forward(logits)
-    caches["z_loss"] = [(None, c)]
+    if "load_balance" in names:
+        losses["load_balance"], c = aux_losses.load_balance_forward(probs, assign, k)
+        caches["load_balance"] = [(None, c)]
+    if "importance" in names:
+        losses["importance"], c = aux_losses.importance_forward(probs)
+        caches["importance"] = [(None, c)]
+    if "z_loss" in names:
+        losses["z_loss"], c = aux_losses.z_loss_forward(logits)
+        caches["z_loss"] = [(None, c)]
     for name, fwd, extra in (("entropy_local", aux_losses.entropy_local_forward, ()),
                              ("entropy_global", aux_losses.entropy_global_forward,
                               (config.tau,))):
+        if name not in names:
+            continue
         losses[name], caches[name] = 0.0, []
         for idx in groups:                                       # per modality group
             value, c = fwd(probs if idx is None else probs[idx], *extra)
@@ -238,7 +245,7 @@ def _zero_pool_grads(params):
     return zeros_like({"router": params["router"], "experts": params["experts"]})
 
 
-def forward(x, params, config, modality=None, *, rng=None, train=False):
+def forward(x, params, config, modality=None, *, rng=None, train=False, all_losses=True):
     """The MoE layer's expert mixture (no residual).
 
     Parameters
@@ -252,6 +259,9 @@ def forward(x, params, config, modality=None, *, rng=None, train=False):
     rng : numpy.random.Generator, required when ``train`` and ``config.noise_std > 0``
         (the router noise is its only use).
     train : bool, add router noise (if ``noise_std > 0``); evaluation is deterministic.
+    all_losses : bool.  True: every auxiliary loss is computed (for reporting).  False:
+        only those with a non-zero weight in ``config.aux_weights`` (what the gradient
+        needs; the training step), and ``aux.losses`` holds only them.
 
     Returns
     -------
@@ -269,6 +279,9 @@ def forward(x, params, config, modality=None, *, rng=None, train=False):
         raise ValueError("rng must be a numpy.random.Generator when train=True and "
                          f"noise_std={config.noise_std} > 0 (router noise), got "
                          f"{shorten(repr(rng))}")
+    check_bool("all_losses", all_losses)
+    names = [name for name in aux_losses.AUX_LOSSES
+             if all_losses or config.aux_weights[name] != 0]
     check_params("params", params, ())
     if config.mode == "shared":
         pools = [("shared", None, params)]
@@ -291,7 +304,7 @@ def forward(x, params, config, modality=None, *, rng=None, train=False):
         check_same_dtype("x", x, f"the {name} router W", w)
 
     y = np.zeros((n, d), dtype=x.dtype)                          # (N, D) rows of idle pools stay 0
-    losses = dict.fromkeys(aux_losses.AUX_LOSSES, 0.0)
+    losses = dict.fromkeys(names, 0.0)
     stats, caches = {}, []
     for name, idx, pool in pools:
         x_p = x if idx is None else x[idx]                       # (N_p, D)
@@ -307,7 +320,8 @@ def forward(x, params, config, modality=None, *, rng=None, train=False):
         if noisy:
             noise = router.sample_noise(rng, (x_p.shape[0], config.num_experts),
                                         config.noise_std, x.dtype)  # (N_p, E)
-        y_p, losses_p, stats_p, cache_p = _pool_forward(x_p, pool, config, mod_p, noise)
+        y_p, losses_p, stats_p, cache_p = _pool_forward(x_p, pool, config, mod_p, noise,
+                                                        names)
         if idx is None:
             y = y_p                                              # (N, D)
         else:
