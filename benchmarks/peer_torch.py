@@ -133,21 +133,23 @@ class Ours:
         s = self.s
         idx = self.stream.next()                                       # (B,)
         images, ids, keys = s.images[idx], s.ids[idx], s.keys[idx]
-        _, grads, _ = model.loss_and_grads(self.params, s.mcfg, images, ids, pad_id=PAD_ID,
-                                           keys=keys, rng=self.rng, train=True)
+        losses, grads, _ = model.loss_and_grads(self.params, s.mcfg, images, ids,
+                                                pad_id=PAD_ID, keys=keys, rng=self.rng,
+                                                train=True)
         optim.step(self.params, grads, self.state, self.adamw)
+        return losses["total"]
 
 
 class Peer:
     """The torch peer's training step: batch, forward, autograd backward, AdamW."""
 
-    def __init__(self, setup, fused_qkv=True):
+    def __init__(self, setup, fused_qkv=True, fused_adamw=True):
         torch, peer = load_torch()
         self.torch, self.s = torch, setup
         dtype = getattr(torch, setup.mcfg.dtype)
         self.model = peer.Model(setup.mcfg, fused_qkv).to(dtype)
         self.names = peer.load_params(self.model, setup.params())
-        self.opt = peer.AdamW(self.model, self.names, setup.tcfg.adamw())
+        self.opt = peer.AdamW(self.model, self.names, setup.tcfg.adamw(), fused_adamw)
         self.stream = setup.stream()
         self.images = torch.from_numpy(setup.images)                   # (Bn, R, R, Ch)
         self.ids = torch.from_numpy(setup.ids.astype(np.int64))        # (Bn, T)
@@ -161,6 +163,7 @@ class Peer:
         losses, _ = self.model(images, ids, positives, PAD_ID)
         losses["total"].backward()
         self.opt.step()
+        return losses["total"]
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -239,7 +242,7 @@ def dense_tree(tree, peer):
     return {p: peer.dense(v) for p, v in peer.flatten(tree).items()}
 
 
-def check(mode, batch, tolerance, fused_qkv):
+def check(mode, batch, tolerance, peer_kw, steps):
     """Float64 agreement of one mode (module docstring, item 1); returns True if it holds."""
     torch, peer = load_torch()
     s = Setup(mode, batch, "float64")
@@ -249,7 +252,7 @@ def check(mode, batch, tolerance, fused_qkv):
     losses, grads, stats = model.loss_and_grads(params, s.mcfg, images, ids, pad_id=PAD_ID,
                                                 keys=keys, rng=np.random.default_rng(0),
                                                 train=True)
-    net = peer.Model(s.mcfg, fused_qkv).to(torch.float64)
+    net = peer.Model(s.mcfg, peer_kw["fused_qkv"]).to(torch.float64)
     names = peer.load_params(net, params)
     keys_t = torch.from_numpy(keys)
     t_losses, t_routing = net(torch.from_numpy(images), torch.from_numpy(ids.astype(np.int64)),
@@ -279,9 +282,18 @@ def check(mode, batch, tolerance, fused_qkv):
     ok &= report("gradients", g_err, tolerance)
     # one AdamW step on each side
     optim.step(params, grads, optim.init_state(params), s.tcfg.adamw())
-    peer.AdamW(net, names, s.tcfg.adamw()).step()
+    peer.AdamW(net, names, s.tcfg.adamw(), peer_kw["fused_adamw"]).step()
     p_err = leaf_errors(dense_tree(params, peer), peer.params_by_path(net, names))
     ok &= report("params after one AdamW step", p_err, tolerance)
+    # a few training steps of each side on the same stream: schedule, moments, routing
+    ours, theirs = Ours(s), Peer(s, **peer_kw)
+    loss_err = max(rel(ours.step(), theirs.step()) for _ in range(steps))
+    ok &= loss_err <= tolerance
+    print(f"  {steps} training steps on the same batches: worst total-loss difference "
+          f"{loss_err:.1e}")
+    p_err = leaf_errors(dense_tree(ours.params, peer), peer.params_by_path(theirs.model,
+                                                                         theirs.names))
+    ok &= report(f"params after {steps} steps", p_err, tolerance)
     ok &= check_moe_layer(torch, peer, 544, tolerance)
     print(f"  {'OK' if ok else 'FAILED'}: every difference <= {tolerance:g}"
           if ok else f"  FAILED: a difference above {tolerance:g} (or a routing difference)")
@@ -334,9 +346,9 @@ def timed_blocks(step, rounds, steps):
     return out
 
 
-def interleaved(setup, rounds, steps, warmup, fused_qkv):
+def interleaved(setup, rounds, steps, warmup, peer_kw):
     """Median ms/step of ours and of torch, blocks alternating in this process."""
-    sides = {"ours": Ours(setup), "torch": Peer(setup, fused_qkv)}
+    sides = {"ours": Ours(setup), "torch": Peer(setup, **peer_kw)}
     for side in sides.values():
         for _ in range(warmup):
             side.step()
@@ -347,13 +359,19 @@ def interleaved(setup, rounds, steps, warmup, fused_qkv):
     return {name: float(np.median(v)) for name, v in times.items()}
 
 
-def alone(side, mode, batch, rounds, steps, warmup, fused_qkv):
+def alone(side, mode, batch, rounds, steps, warmup, peer_kw):
     """Median ms/step of one side in a child process (module docstring)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--_alone", side, "--modes", mode,
            "--batches", str(batch), "--rounds", str(rounds), "--steps", str(steps),
-           "--warmup", str(warmup)] + ([] if fused_qkv else ["--qkv", "separate"])
+           "--warmup", str(warmup), "--qkv", "fused" if peer_kw["fused_qkv"] else "separate",
+           "--adamw", "fused" if peer_kw["fused_adamw"] else "loop"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return float(np.median(json.loads(out.splitlines()[-1])["ms"]))
+
+
+def peer_options(args):
+    """The peer's keyword arguments from the command line."""
+    return {"fused_qkv": args.qkv == "fused", "fused_adamw": args.adamw == "fused"}
 
 
 def alone_child(args):
@@ -362,13 +380,13 @@ def alone_child(args):
     if args._alone == "ours":
         heap.keep_freed_heap()                    # as the command line does
     setup = Setup(mode, batch, "float32")
-    side = Ours(setup) if args._alone == "ours" else Peer(setup, args.qkv == "fused")
+    side = Ours(setup) if args._alone == "ours" else Peer(setup, **peer_options(args))
     for _ in range(args.warmup):
         side.step()
     print(json.dumps({"ms": timed_blocks(side.step, args.rounds, args.steps)}))
 
 
-def moe_timing(token_counts, rounds, fused_unused=None):
+def moe_timing(token_counts, rounds):
     """Median ms of the MoE layer's forward + backward, ours vs torch, interleaved."""
     torch, peer = load_torch()
     mcfg = runs.preset_configs("default", experts="modality")[0]
@@ -412,8 +430,12 @@ def main():
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (3)")
     parser.add_argument("--moe-tokens", default="16,544,2080", help="16,544,2080; '' skips")
     parser.add_argument("--tolerance", type=float, default=1e-9)
+    parser.add_argument("--check-steps", type=int, default=5,
+                        help="training steps of each side in the check (5)")
     parser.add_argument("--qkv", choices=("fused", "separate"), default="fused",
                         help="the peer's q, k, v: one product (fused, default) or three")
+    parser.add_argument("--adamw", choices=("fused", "loop"), default="fused",
+                        help="the peer's torch.optim.AdamW: fused=True (default) or its loop")
     parser.add_argument("--check-only", action="store_true", help="only the float64 check")
     parser.add_argument("--no-check", action="store_true", help="skip the float64 check")
     parser.add_argument("--no-alone", action="store_true", help="skip the alone processes")
@@ -423,15 +445,15 @@ def main():
         return alone_child(args)
     modes = [m for m in args.modes.split(",") if m]
     batches = [int(b) for b in args.batches.split(",") if b]
-    fused = args.qkv == "fused"
+    peer_kw = peer_options(args)
     torch, _ = load_torch()
     print(f"torch {torch.__version__}, numpy {np.__version__}, threads: torch "
           f"{torch.get_num_threads()}, OPENBLAS_NUM_THREADS="
-          f"{os.environ.get('OPENBLAS_NUM_THREADS')}; peer q/k/v {args.qkv}")
+          f"{os.environ.get('OPENBLAS_NUM_THREADS')}; peer: q/k/v {args.qkv}, AdamW {args.adamw}")
     ok = True
     if not args.no_check:
         for mode in modes:
-            ok &= check(mode, 64, args.tolerance, fused)
+            ok &= check(mode, 64, args.tolerance, peer_kw, args.check_steps)
         if args.check_only:
             return 0 if ok else 1
     heap.keep_freed_heap()                        # ours runs as the command line runs it
@@ -445,7 +467,7 @@ def main():
         for batch in batches:
             setup = Setup(mode, batch, "float32")
             flops = first_batch_flops(setup)
-            ms = interleaved(setup, args.rounds, args.steps, args.warmup, fused)
+            ms = interleaved(setup, args.rounds, args.steps, args.warmup, peer_kw)
             cells = [f"{mode}, {batch}", f"{flops / 1e9:.2f} G", f"{ms['ours']:.1f}",
                      f"{ms['torch']:.1f}", f"{ms['ours'] / ms['torch']:.2f}"]
             cells += [f"{setup.tokens_per_step / ms[k] * 1e3:,.0f}" for k in ("ours", "torch")]
@@ -454,7 +476,7 @@ def main():
                 cells += ["-", "-", "-"]
             else:
                 a = {side: alone(side, mode, batch, args.rounds, args.steps, args.warmup,
-                                 fused) for side in ("ours", "torch")}
+                                 peer_kw) for side in ("ours", "torch")}
                 cells += [f"{a['ours']:.1f}", f"{a['torch']:.1f}",
                           f"{a['ours'] / a['torch']:.2f}"]
             print("| " + " | ".join(cells) + " |", flush=True)

@@ -42,10 +42,11 @@ What is mirrored (the minivlmoe module each part follows)
   over them); the caption cross-entropy of ``lm_head(h[:, caption rows])`` against
   ``ids[:, 1:]`` ignoring ``pad_id``; ``total = contrastive_weight * contrastive +
   caption_weight * caption + aux``.
-* optimizer (minivlmoe/optim.py): global-norm clipping (the norm accumulated in float64,
-  one factor ``min(1, max_norm / norm)``), ``torch.optim.AdamW`` with weight decay on the
-  weight matrices and the token table only (minivlmoe.optim.decays), and the warmup +
-  cosine schedule of ``minivlmoe.optim.lr_at`` through ``LambdaLR``.
+* optimizer (minivlmoe/optim.py): global-norm clipping (one factor ``min(1, max_norm /
+  norm)``, the per-leaf norms combined in float64), ``torch.optim.AdamW`` (``fused=True``
+  by default, torch's fastest CPU form) with weight decay on the weight matrices and the
+  token table only (minivlmoe.optim.decays), and the warmup + cosine schedule of
+  ``minivlmoe.optim.lr_at`` through ``LambdaLR``.
 
 Supported configurations: the default preset's, ``experts`` "modality" or "dense", top-1,
 no router noise, both objectives on (:func:`check_supported` says what it refuses).
@@ -418,28 +419,30 @@ def params_by_path(model, names):
 class AdamW:
     """minivlmoe/optim.py's update in torch: clipping, AdamW, the schedule."""
 
-    def __init__(self, model, names, adamw_cfg):
+    def __init__(self, model, names, adamw_cfg, fused=True):
         own = dict(model.named_parameters())
         decay = [own[n] for n, p in names.items() if optim.decays(p)]
         rest = [own[n] for n, p in names.items() if not optim.decays(p)]
         self.params = decay + rest
         self.cfg = adamw_cfg
+        # fused: torch's one-kernel AdamW (CPU too); False: its per-parameter loop
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": adamw_cfg.weight_decay},
              {"params": rest, "weight_decay": 0.0}],
-            lr=adamw_cfg.lr, betas=adamw_cfg.betas, eps=adamw_cfg.eps)
+            lr=adamw_cfg.lr, betas=adamw_cfg.betas, eps=adamw_cfg.eps, fused=fused)
         # LambdaLR's epoch e is update number e + 1 of minivlmoe.optim.lr_at
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda e: optim.lr_at(e + 1, adamw_cfg) / adamw_cfg.lr)
 
     def step(self):
-        """Clip by the global norm (float64 sum of squares), update, advance the schedule."""
+        """Clip by the global norm (the per-leaf norms combined in float64; one factor
+        ``max_norm / norm`` above the threshold, as minivlmoe.optim), update, advance the
+        schedule.  Returns the norm before clipping."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+        leaf_norms = torch.stack(torch._foreach_norm(grads)).double()   # (leaves,)
+        norm = float(torch.linalg.vector_norm(leaf_norms))
         if self.cfg.max_grad_norm is not None and norm > self.cfg.max_grad_norm:
-            scale = self.cfg.max_grad_norm / norm
-            for g in grads:
-                g.mul_(scale)
+            torch._foreach_mul_(grads, self.cfg.max_grad_norm / norm)
         self.opt.step()
         self.schedule.step()
         return norm
