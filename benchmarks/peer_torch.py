@@ -6,22 +6,25 @@ parameters.  This script
 
 1. checks, in float64, that the two do the same work: one batch through
    ``model.loss_and_grads`` and through the peer (autograd), then one AdamW step on
-   each; it prints the relative difference of the total loss and of every loss term,
-   the routing (tokens routed and kept per expert), the worst relative gradient
-   difference over all parameters, the parameters after the step, and the MoE layer
-   alone (output and gradients).  It exits with status 1 when one exceeds
-   ``--tolerance`` (1e-9 relative; a leaf's difference is taken relative to its largest
-   value, that value floored at 1e-3 of the largest over all leaves so that a gradient
-   that is exactly zero in exact arithmetic -- the attention key bias, whose computed
-   gradient is rounding noise on both sides -- is not divided by its own noise);
+   each, then ``--check-steps`` training steps of each on the same batches; it prints
+   the relative difference of the total loss and of every loss term, the routing
+   (tokens routed and kept per expert and pool), the worst relative gradient difference
+   over all parameters, the parameters after one step and after the training steps,
+   and the MoE layer alone (output and gradients).  It exits with status 1 when one
+   exceeds ``--tolerance`` (1e-9 relative) or the routing differs.  A leaf's difference
+   is taken relative to its largest value, floored at 1e-3 of the largest over all
+   leaves, so that a gradient that is exactly zero in exact arithmetic (the attention
+   key bias: its computed gradient is rounding noise on both sides) is not divided by
+   its own noise;
 2. times, one thread each, float32, the full training step (batch gathering, forward,
-   backward, AdamW update) of both, for each mode and batch size:
+   backward, AdamW update) of both on the same batches, for each mode and batch size:
    - interleaved in this process: blocks of ``--steps`` steps, ours and torch
-     alternating (the first side alternates too), ``--rounds`` rounds, medians;
-   - each alone in its own process (``--no-alone`` skips it): a child process that
-     imports only its own side (ours calls ``minivlmoe.heap.keep_freed_heap()`` as the
-     command line does; the torch child imports no minivlmoe code beyond the data and the
-     parameters, and leaves malloc alone);
+     alternating (the first side alternates too), ``--rounds`` blocks each, medians;
+   - each alone in its own process (``--no-alone`` skips it): ``--alone-processes``
+     child processes per side, run one after the other with the sides alternating, each
+     importing only its own side (ours calls ``minivlmoe.heap.keep_freed_heap()`` first,
+     as the command line does, and so does this process; the torch child leaves malloc
+     alone), medians over all their blocks;
    and prints ms/step, tokens/s (B (1 + P + T) per step, as benchmarks/train_step.py),
    GFLOP/s and the ratio ours / torch;
 3. times the default modality MoE layer alone, forward + backward, at ``--moe-tokens``
@@ -359,14 +362,24 @@ def interleaved(setup, rounds, steps, warmup, peer_kw):
     return {name: float(np.median(v)) for name, v in times.items()}
 
 
-def alone(side, mode, batch, rounds, steps, warmup, peer_kw):
-    """Median ms/step of one side in a child process (module docstring)."""
+def alone_blocks(side, mode, batch, rounds, steps, warmup, peer_kw):
+    """ms/step of the blocks of one side in a child process (module docstring)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--_alone", side, "--modes", mode,
            "--batches", str(batch), "--rounds", str(rounds), "--steps", str(steps),
            "--warmup", str(warmup), "--qkv", "fused" if peer_kw["fused_qkv"] else "separate",
            "--adamw", "fused" if peer_kw["fused_adamw"] else "loop"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return float(np.median(json.loads(out.splitlines()[-1])["ms"]))
+    return json.loads(out.splitlines()[-1])["ms"]
+
+
+def alone(processes, *args):
+    """Median ms/step of ours and of torch over ``processes`` child processes each, the
+    two sides' processes alternating (one after the other, never at the same time)."""
+    blocks = {"ours": [], "torch": []}
+    for p in range(processes):
+        for side in (("ours", "torch") if p % 2 == 0 else ("torch", "ours")):
+            blocks[side] += alone_blocks(side, *args)
+    return {side: float(np.median(v)) for side, v in blocks.items()}
 
 
 def peer_options(args):
@@ -439,6 +452,8 @@ def main():
     parser.add_argument("--check-only", action="store_true", help="only the float64 check")
     parser.add_argument("--no-check", action="store_true", help="skip the float64 check")
     parser.add_argument("--no-alone", action="store_true", help="skip the alone processes")
+    parser.add_argument("--alone-processes", type=int, default=2,
+                        help="processes per side for the alone timing, alternating (2)")
     parser.add_argument("--_alone", choices=("ours", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._alone:
@@ -475,8 +490,8 @@ def main():
             if args.no_alone:
                 cells += ["-", "-", "-"]
             else:
-                a = {side: alone(side, mode, batch, args.rounds, args.steps, args.warmup,
-                                 peer_kw) for side in ("ours", "torch")}
+                a = alone(args.alone_processes, mode, batch, args.rounds, args.steps,
+                          args.warmup, peer_kw)
                 cells += [f"{a['ours']:.1f}", f"{a['torch']:.1f}",
                           f"{a['ours'] / a['torch']:.2f}"]
             print("| " + " | ".join(cells) + " |", flush=True)
