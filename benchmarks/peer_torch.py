@@ -73,7 +73,7 @@ from minivlmoe.moe import moe_layer  # noqa: E402
 from minivlmoe.tokenizer import PAD_ID  # noqa: E402
 
 STREAM_SEED = 1                   # the batch order, the same for both sides
-IMAGE_SHARE = 17 / 40             # image tokens of the default sequence (1+P of S)
+IMAGE_SHARE = 17 / 40             # the image's share of a default sequence (1+P of S = 40)
 
 
 def load_torch():
@@ -382,6 +382,11 @@ def alone(processes, *args):
     return {side: float(np.median(v)) for side, v in blocks.items()}
 
 
+def load_average():
+    """The machine's 1-, 5- and 15-minute load averages, as a phrase."""
+    return "load average " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def peer_options(args):
     """The peer's keyword arguments from the command line."""
     return {"fused_qkv": args.qkv == "fused", "fused_adamw": args.adamw == "fused"}
@@ -464,7 +469,8 @@ def main():
     torch, _ = load_torch()
     print(f"torch {torch.__version__}, numpy {np.__version__}, threads: torch "
           f"{torch.get_num_threads()}, OPENBLAS_NUM_THREADS="
-          f"{os.environ.get('OPENBLAS_NUM_THREADS')}; peer: q/k/v {args.qkv}, AdamW {args.adamw}")
+          f"{os.environ.get('OPENBLAS_NUM_THREADS')}; peer: q/k/v {args.qkv}, AdamW {args.adamw}; "
+          f"{load_average()}")
     ok = True
     if not args.no_check:
         for mode in modes:
@@ -505,6 +511,7 @@ def main():
         for n, ours_ms, torch_ms in moe_timing(counts, args.rounds):
             print(f"| {n} | {ours_ms:.3f} | {torch_ms:.3f} | {ours_ms / torch_ms:.2f} |",
                   flush=True)
+    print(f"\n{load_average()} (other work on the machine slows both sides, not always alike)")
     return 0 if ok else 1
 
 
