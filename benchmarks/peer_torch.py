@@ -325,7 +325,8 @@ def check_moe_layer(torch, peer, n, tolerance):
     names = {peer.torch_name(p): p for p in peer.flatten(params)}
     xt = torch.from_numpy(x).requires_grad_()
     yt, aux_t, _, _ = layer(xt, torch.from_numpy(modality))
-    torch.autograd.backward([yt, aux_t], [torch.from_numpy(dy), torch.ones((), dtype=torch.float64)])
+    torch.autograd.backward([yt, aux_t], [torch.from_numpy(dy),
+                                          torch.ones((), dtype=torch.float64)])
     errs = {"y": leaf_errors({"y": y}, {"y": yt.detach().numpy()})["y"],
             "aux_total": rel(aux.aux_total, aux_t),
             "dx": leaf_errors({"dx": dx}, {"dx": xt.grad.numpy()})["dx"]}

@@ -251,8 +251,9 @@ class PatchEmbed(nn.Module):
     def forward(self, images):                                # (B, R, R, Ch) -> (B, 1+P, D)
         B, R, _, C = images.shape
         p, g = self.patch, R // self.patch
+        # 'b (h p1) (w p2) c -> b (h w) (p1 p2 c)'
         patches = (images.reshape(B, g, p, g, p, C).permute(0, 1, 3, 2, 4, 5)
-                   .reshape(B, g * g, p * p * C))             # 'b (h p1) (w p2) c -> b (h w) (p1 p2 c)'
+                   .reshape(B, g * g, p * p * C))             # (B, P, p*p*Ch)
         z = self.proj(patches)                                # (B, P, D)
         return torch.cat([self.cls.expand(B, 1, -1), z], dim=1) + self.pos  # (B, 1+P, D)
 
