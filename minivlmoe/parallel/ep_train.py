@@ -1,0 +1,220 @@
+"""Training on R ranks: data parallelism for the dense part, expert parallelism for the
+MoE layers, the same losses and gradients as one process on the global batch.
+
+Every rank runs the same training loop (minivlmoe/train.py) on the same global batch
+(same seeds, same data stream) and keeps a full replica of the parameters and of the
+AdamW state; :meth:`ExpertParallel.loss_and_grads` (the loop's step function) takes
+its share of the batch, rows ``[b_r, b_{r+1})`` (numpy.array_split of the B pairs),
+and returns the gradient of the *global* loss::
+
+    embed, attention, dense FFNs, heads      on my b_r pairs (data parallel)
+    MoE layers                               parallel/ep_moe.py (tokens by all-to-all)
+    contrastive  img, txt (b_r, De) --Allgather--> (B, De);  InfoNCE over all B pairs
+                 on every rank (all B^2 pairs couple); backward: my rows of dimg, dtxt;
+                 d log_logit_scale from rank 0 only (every rank computed the same one)
+    caption      CE_global = sum_r count_r CE_r / count   (count: non-pad targets)
+                 backward: CE_r's gradient scaled by count_r / count
+    aux          already global inside each MoE layer (parallel/ep_aux.py)
+    gradients    one Allreduce (sum) of the whole flattened gradient tree: replicated
+                 weights sum their contributions; each expert's gradient comes from its
+                 owner (the other ranks send zeros)
+
+so every rank then takes the same AdamW step (same global gradient norm and clipping)
+and the replicas stay equal.  Keeping every expert on every rank costs memory and the
+expert part of that Allreduce; it keeps the checkpoint, the evaluation and the resume
+exactly those of one process (rank 0 writes and evaluates, docs/parallel.md).
+
+The MoE layers of minivlmoe/tower.py are switched to the expert-parallel layer for
+the duration of one step by :func:`experts_over` (the tower calls ``moe_layer.forward``
+and ``moe_layer.backward`` through its module attribute); nothing else changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import numpy as np
+import scipy.sparse as sp
+
+from .. import sequence, tower
+from ..ops import contrastive, cross_entropy, l2norm, linear
+from ..moe import aux_losses
+from ..timing import NULL_TIMER
+from ..tree import flatten, unflatten, with_values, zeros_like
+from . import ep_moe
+
+
+class _TowerMoE:
+    """Stands in for the moe_layer module inside tower.py: the same two calls."""
+
+    def __init__(self, comm):
+        self.comm = comm
+
+    def forward(self, x, params, config, modality=None, *, rng=None, train=False):
+        return ep_moe.forward(x, params, config, self.comm, modality, rng=rng, train=train)
+
+    def backward(self, dy, cache, daux_total=1.0):
+        return ep_moe.backward(dy, cache, daux_total)
+
+
+@contextlib.contextmanager
+def experts_over(comm):
+    """Inside the block, tower.py's MoE layers are expert-parallel over ``comm``."""
+    saved = tower.moe_layer
+    tower.moe_layer = _TowerMoE(comm)
+    try:
+        yield
+    finally:
+        tower.moe_layer = saved
+
+
+def shares(batch, size):
+    """(R+1,) bounds of each rank's pairs: rank r holds ``[bounds[r], bounds[r+1])``."""
+    if batch < size:
+        raise ValueError(f"batch_size must be at least the number of ranks R={size} "
+                         f"(every rank needs one pair), got {batch}")
+    return np.concatenate([[0], np.cumsum([len(a) for a in
+                                           np.array_split(np.arange(batch), size)])])
+
+
+def allreduce_tree(grads, comm):
+    """Sum a gradient tree over ranks with one Allreduce (sparse leaves: their data)."""
+    flat = flatten(grads)
+    leaves = [(v.data if isinstance(v, sp.csr_array) else np.asarray(v)) for v in flat.values()]
+    buf = np.concatenate([a.ravel() for a in leaves])            # (P,) every gradient
+    total = comm.allreduce_sum(buf, tag="allreduce")             # (P,)
+    out, at = {}, 0
+    for (path, leaf), a in zip(flat.items(), leaves):
+        part = total[at:at + a.size].reshape(a.shape)            # the leaf's shape
+        at += a.size
+        out[path] = with_values(leaf, part) if isinstance(leaf, sp.csr_array) else part
+    return unflatten(out)
+
+
+class ExpertParallel:
+    """What train.train needs to run as one of R ranks.
+
+    Attributes
+    ----------
+    comm : parallel.comm.Comm.   writer : True on rank 0 (it writes and evaluates).
+    """
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.writer = comm.rank == 0
+
+    def loss_and_grads(self, params, cfg, images, ids, *, pad_id, keys=None, rng=None,
+                       train=True, timer=NULL_TIMER):
+        """model.loss_and_grads of the global batch (images, ids, keys: all B pairs),
+        computed on this rank's share; every rank returns the same losses, the same
+        (global) gradients and the same MoE statistics."""
+        comm = self.comm
+        images = sequence.check_images(cfg, images)
+        ids, pad_id = sequence.check_ids(cfg, ids, pad_id, min_len=2)
+        bounds = shares(ids.shape[0], comm.size)
+        b0, b1 = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
+        counts = np.diff(bounds)                                   # (R,) pairs per rank
+        positives = None if keys is None else contrastive.duplicate_positives(
+            np.asarray(keys))                                      # (B, B) global
+        img_r, ids_r = images[b0:b1], ids[b0:b1]                   # my pairs
+        b = b1 - b0
+        use_cap, use_ret = cfg.caption_weight > 0, cfg.contrastive_weight > 0
+
+        # ---- forward: embed and tower on my pairs, MoE layers expert-parallel
+        with timer.section("embed"):
+            seq, c_embed = sequence.embed(
+                params, cfg, img_r, ids_r[:, :-1] if use_cap else None,
+                ids_r if use_ret else None, pad_id, ids_r[:, 1:] != pad_id)  # (b, S, D)
+        layout = seq.layout
+        with experts_over(comm):
+            h, aux_total, stats, c_tower = tower.forward(
+                seq.x, seq.mask, seq.modality, seq.rows, params, cfg, rng=rng, train=train,
+                timer=timer)                                       # (b, S, D)
+        losses = {"contrastive": 0.0, "caption": 0.0}
+        with timer.section("losses"):
+            if use_ret:
+                txt_last = sequence.last_valid(ids_r != pad_id)    # (b,)
+                txt_pool = h[np.arange(b), layout.retrieval_slice.start + txt_last]  # (b, D)
+                img_z, c_ip = linear.forward(h[:, 0], params["img_proj"])  # (b, De)
+                img_emb, c_in = l2norm.forward(img_z)              # (b, De)
+                txt_z, c_tp = linear.forward(txt_pool, params["txt_proj"])  # (b, De)
+                txt_emb, c_tn = l2norm.forward(txt_z)              # (b, De)
+                img_all = comm.allgather_rows(img_emb, counts, tag="heads")  # (B, De)
+                txt_all = comm.allgather_rows(txt_emb, counts, tag="heads")  # (B, De)
+                losses["contrastive"], c_con = contrastive.forward(
+                    img_all, txt_all, params["log_logit_scale"], positives)
+            if use_cap:
+                logits, c_lm = linear.forward(h[:, layout.caption_slice],
+                                              params["lm_head"])   # (b, T-1, V)
+                ce_r, c_ce = cross_entropy.forward(logits, ids_r[:, 1:], pad_id)
+                sums = comm.allreduce_sum(np.array([ce_r * c_ce.count, c_ce.count],
+                                                   dtype=np.float64), tag="heads")  # (2,)
+                count = int(round(sums[1]))
+                losses["caption"] = float(sums[0] / count) if count else 0.0
+        losses["aux"] = float(aux_total)
+        losses["total"] = (cfg.contrastive_weight * losses["contrastive"]
+                           + cfg.caption_weight * losses["caption"] + losses["aux"])
+        for name in aux_losses.AUX_LOSSES:
+            losses[f"aux_{name}"] = float(sum(s["losses"][name] for s in stats.values()))
+
+        # ---- backward: model.backward's call list on my pairs
+        B_, S, D = c_tower.shape
+        grads = {}
+        dh = np.zeros((b, S, D), dtype=cfg.np_dtype)               # (b, S, D)
+        with timer.section("losses"):
+            if use_cap:
+                scale = cfg.caption_weight * (c_ce.count / count if count else 0.0)
+                dlogits = cross_entropy.backward(scale, c_ce)      # (b, T-1, V)
+                dh_cap, grads["lm_head"] = linear.backward(dlogits, c_lm)
+                dh[:, layout.caption_slice] = dh_cap               # (b, T-1, D)
+            if use_ret:
+                dimg_all, dtxt_all, dscale = contrastive.backward(
+                    cfg.contrastive_weight, c_con)                 # (B, De) x2, ()
+                grads["log_logit_scale"] = dscale if comm.rank == 0 else np.zeros_like(dscale)
+                dtxt_z = l2norm.backward(dtxt_all[b0:b1], c_tn)    # (b, De) my rows
+                dtxt_pool, grads["txt_proj"] = linear.backward(dtxt_z, c_tp)
+                dimg_z = l2norm.backward(dimg_all[b0:b1], c_in)    # (b, De) my rows
+                dimg_pool, grads["img_proj"] = linear.backward(dimg_z, c_ip)
+                dh[np.arange(b), layout.retrieval_slice.start + txt_last] += dtxt_pool
+                dh[:, 0] += dimg_pool                              # (b, D) cls rows
+        with experts_over(comm):
+            dx, grads["blocks"], grads["ln_f"] = tower.backward(dh, c_tower, 1.0,
+                                                                timer=timer)  # (b, S, D)
+        with timer.section("embed"):
+            grads["patch"], grads["text"] = sequence.embed_backward(dx, c_embed)
+        for name in ("img_proj", "txt_proj", "log_logit_scale", "lm_head"):
+            if name not in grads:
+                grads[name] = zeros_like(params[name])
+        grads = allreduce_tree({name: grads[name] for name in params}, comm)
+        tokens = comm.allreduce_sum(np.array([seq.rows.size], dtype=np.int64), tag="stats")
+        stats = {"moe": stats, "temperature": float(np.exp(-params["log_logit_scale"])),
+                 "logit_scale": float(np.exp(params["log_logit_scale"])),
+                 "tokens": int(tokens[0])}
+        return losses, grads, stats
+
+
+def run_guarded(comm, fn):
+    """Run ``fn()`` on this rank; a failure on any rank ends the whole job.
+
+    An exception or a non-zero return prints one line naming the rank on stderr and
+    calls ``MPI_Abort`` (no timeout: the other ranks may be blocked inside a collective,
+    and Abort is the one call that ends them).  Only rank 0 prints to stdout.
+    """
+    from .._checks import error_line
+
+    if comm.rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    try:
+        code = fn()
+    except SystemExit as e:                   # argparse usage errors (already printed)
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException as e:                # noqa: BLE001 - any failure ends every rank
+        print(f"minivlmoe: error: rank {comm.rank} of {comm.size}: {error_line(e)}",
+              file=sys.stderr, flush=True)
+        code = 1
+    if code:
+        sys.stderr.flush()
+        comm.abort(code)
+    return code
