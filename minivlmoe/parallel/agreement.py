@@ -210,12 +210,34 @@ def check_train(comm, folder, out):
                  if comm.size else worst)
 
 
+def check_failure(comm, folder):
+    """Rank R-1 fails at step 2 while the others wait inside a collective: run_guarded
+    must end the job with one line (MPI_Abort), not hang."""
+    from .. import runs
+    from ..train import train
+
+    model_cfg, train_cfg = runs.preset_configs("tiny", steps=4, eval_every=0)
+    par = ep_train.ExpertParallel(comm)
+    step_fn, calls = par.loss_and_grads, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if comm.rank == comm.size - 1 and len(calls) == 2:
+            raise ValueError("a failure injected on purpose at step 2")
+        return step_fn(*args, **kwargs)
+    par.loss_and_grads = failing
+    return ep_train.run_guarded(par, lambda: train(model_cfg, train_cfg, folder,
+                                                    progress=None, parallel=par) and 0)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     comm = comm_mod.world()
     what = argv[0] if argv else "layer"
     if what == "layer":
         worst = check_layer(comm, sys.stdout)
+    elif what == "fail":
+        return check_failure(comm, argv[1])
     elif what == "train":
         worst = check_train(comm, argv[1], sys.stdout)
     else:

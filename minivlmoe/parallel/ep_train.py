@@ -99,11 +99,26 @@ class ExpertParallel:
     Attributes
     ----------
     comm : parallel.comm.Comm.   writer : True on rank 0 (it writes and evaluates).
+    started : True once :meth:`loss_and_grads` ran (see :func:`run_guarded`).
     """
 
     def __init__(self, comm):
         self.comm = comm
         self.writer = comm.rank == 0
+        self.started = False                  # True once a step entered a collective
+
+    def check(self, model_cfg, train_cfg):
+        """The problem that stops a run on these ranks before it starts, or None (the
+        same on every rank, so only rank 0 needs to say it)."""
+        size = self.comm.size
+        if model_cfg.experts != "dense" and model_cfg.num_experts % size:
+            return (f"--expert-parallel: num_experts must be divisible by the number of "
+                    f"ranks R={size} (each rank holds E/R experts of every pool), got "
+                    f"num_experts={model_cfg.num_experts}")
+        if train_cfg.batch_size < size:
+            return (f"--expert-parallel: batch_size must be at least the number of ranks "
+                    f"R={size} (every rank needs one pair), got {train_cfg.batch_size}")
+        return None
 
     def loss_and_grads(self, params, cfg, images, ids, *, pad_id, keys=None, rng=None,
                        train=True, timer=NULL_TIMER):
@@ -111,6 +126,7 @@ class ExpertParallel:
         computed on this rank's share; every rank returns the same losses, the same
         (global) gradients and the same MoE statistics."""
         comm = self.comm
+        self.started = True
         images = sequence.check_images(cfg, images)
         ids, pad_id = sequence.check_ids(cfg, ids, pad_id, min_len=2)
         bounds = shares(ids.shape[0], comm.size)
@@ -195,26 +211,33 @@ class ExpertParallel:
         return losses, grads, stats
 
 
-def run_guarded(comm, fn):
-    """Run ``fn()`` on this rank; a failure on any rank ends the whole job.
+def run_guarded(parallel, fn):
+    """Run ``fn()`` on this rank of ``parallel`` (an ExpertParallel); a failure on any
+    rank ends the whole job, with one line.
 
-    An exception or a non-zero return prints one line naming the rank on stderr and
-    calls ``MPI_Abort`` (no timeout: the other ranks may be blocked inside a collective,
-    and Abort is the one call that ends them).  Only rank 0 prints to stdout.
+    An exception prints ``minivlmoe: error: rank r of R: <what>`` on stderr and calls
+    ``MPI_Abort`` (not a timeout: the other ranks may be blocked inside a collective,
+    and Abort is the one call that ends them at once; mpich adds its own
+    ``Abort(1) on node r`` notice).  A non-zero return (``cli.fail`` already printed
+    the line) also aborts, except on ranks other than 0 before the first step: the
+    checks before training read the same arguments and files on every rank, so rank 0
+    fails alike and aborts for everyone.  Ranks other than 0 print nothing else: their
+    stdout and stderr go to os.devnull (rank 0 says everything once).
     """
     from .._checks import error_line
 
+    comm = parallel.comm
     if comm.rank != 0:
-        sys.stdout = open(os.devnull, "w")
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     try:
         code = fn()
     except SystemExit as e:                   # argparse usage errors (already printed)
         code = e.code if isinstance(e.code, int) else 1
     except BaseException as e:                # noqa: BLE001 - any failure ends every rank
         print(f"minivlmoe: error: rank {comm.rank} of {comm.size}: {error_line(e)}",
-              file=sys.stderr, flush=True)
+              file=sys.__stderr__, flush=True)
         code = 1
-    if code:
-        sys.stderr.flush()
+    if code and (comm.rank == 0 or parallel.started):
+        sys.__stderr__.flush()
         comm.abort(code)
     return code
