@@ -3,7 +3,7 @@
 * ``comm`` -- the mpi4py wrapper: Allgather, Alltoallv, Allreduce, with byte counters.
 * ``ep_aux`` -- the auxiliary losses of a pool over the global batch from reduced sums.
 * ``ep_moe`` -- the expert-parallel MoE layer: global plan, all-to-all, owned experts.
-* ``ep_train`` -- training on R ranks: the global loss's gradients, one Allreduce.
+* ``ep_train`` -- training on Rk ranks: the global loss's gradients, one Allreduce.
 * ``agreement`` -- the checks against one process (run under mpiexec by the tests).
 
 Nothing here imports mpi4py at import time except :func:`comm.world`; the core package

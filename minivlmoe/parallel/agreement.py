@@ -1,6 +1,6 @@
 """Agreement checks of expert parallelism against one process, run under mpiexec.
 
-    mpiexec -n R python -m minivlmoe.parallel.agreement layer
+    mpiexec -n Rk python -m minivlmoe.parallel.agreement layer
     mpiexec -n 2 python -m minivlmoe.parallel.agreement train DIR
 
 ``layer``: for every case (shared and modality pools, k = 1 and 2, drops and
@@ -10,10 +10,10 @@ float64: output, input gradient, every parameter gradient (router contributions 
 over ranks), every aux loss, the plan (same on every rank), and the all-to-all counts
 (they sum to the kept assignments; what r sends to q is what q receives from r).
 
-``train``: the tiny preset in float64 on R ranks (train.train with
+``train``: the tiny preset in float64 on Rk ranks (train.train with
 ep_train.ExpertParallel) against one process: the per-step losses and gradient norms;
-a checkpoint from R ranks resumed in one process and one from one process resumed on
-R ranks, each to the same next steps.
+a checkpoint from Rk ranks resumed in one process and one from one process resumed on
+Rk ranks, each to the same next steps.
 
 The error of an array is ``max |a - ref| / max |ref|`` (0 when both are 0); rank 0
 prints one line per case and a final ``max relative error`` line, and the exit status
@@ -68,7 +68,7 @@ def layer_cases():
     cases.append(("shared k=2 cf=0.5 rank 0 has no token", dict(
         num_experts=4, k=2, capacity_factor=0.5, bpr=True, aux_weights=AUX_ALL),
         24, "mixed", False, 0))
-    cases.append(("modality k=2 cf=1.25 rank 0 only text", dict(
+    cases.append(("modality k=2 cf=1.25 rank 0 no image token", dict(
         num_experts=4, k=2, capacity_factor=1.25, mode="modality", aux_weights=AUX_ALL),
         30, "text-first", False, None))
     return cases
@@ -93,7 +93,7 @@ def check_layer(comm, out):
         x = rng.standard_normal((n, d))                          # (N, D) float64
         dy = rng.standard_normal((n, d))                         # (N, D)
         modality = {"mixed": rng.integers(0, 2, n), "none": None,
-                    "text-first": (np.arange(n) >= n // 4).astype(np.int64)}[mod_kind]
+                    "text-first": (np.arange(n) < 3 * n // 4).astype(np.int64)}[mod_kind]
         params = moe_layer.init(rng, d, hidden, config, 1.0, np.float64)
         noise_seed = int(rng.integers(2**31))
         daux = 0.7
@@ -103,7 +103,7 @@ def check_layer(comm, out):
 
         bounds = _bounds(n, comm.size, first)
         lo, hi = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
-        counts = np.diff(bounds)                                 # (R,)
+        counts = np.diff(bounds)                                 # (Rk,)
         mine = ep_moe.shard(params, config, comm.rank, comm.size)
         mod_r = None if modality is None else modality[lo:hi]
         y, aux, cache = ep_moe.forward(x[lo:hi], mine, config, comm, mod_r,
@@ -135,8 +135,8 @@ def check_layer(comm, out):
         ok &= abs(aux.dropped_fraction - aux_ref.dropped_fraction) < 1e-15
         kept_ref, sent, idle = 0, 0, 0
         for (_, idx, pc, _), (_, _, pc_ref, _) in zip(cache.pools, c_ref.pools):
-            pool_counts = comm.allgather_counts(hi - lo if idx is None else idx.size)  # (R,)
-            pool_bounds = np.concatenate([[0], np.cumsum(pool_counts)])  # (R+1,)
+            pool_counts = comm.allgather_counts(hi - lo if idx is None else idx.size)  # (Rk,)
+            pool_bounds = np.concatenate([[0], np.cumsum(pool_counts)])  # (Rk+1,)
             if pc is None:
                 ok &= pc_ref is None
                 continue
@@ -157,13 +157,13 @@ def check_layer(comm, out):
             by_rank = [slice(pool_bounds[q], pool_bounds[q + 1]) for q in range(comm.size)]
             load_by_rank = np.array([np.bincount(plan.experts[q][plan.kept[q]],
                                                  minlength=config.num_experts)
-                                     for q in by_rank])          # (R, E) kept per rank, expert
+                                     for q in by_rank])          # (Rk, E) kept per rank, expert
             idle += int(np.sum(load_by_rank == 0))               # (rank, expert) with no token
         worst = max(worst, e_y, e_dx, e_dp, e_aux)
         if not ok:
             worst = np.inf
         if comm.rank == 0:
-            print(f"R={comm.size} {name:40s} y {e_y:.1e}  dx {e_dx:.1e}  dparams {e_dp:.1e}  "
+            print(f"Rk={comm.size} {name:40s} y {e_y:.1e}  dx {e_dx:.1e}  dparams {e_dp:.1e}  "
                   f"aux {e_aux:.1e}  dropped {aux.dropped_fraction:.3f}  kept {kept_ref}  "
                   f"rows to other ranks {sent}  idle (rank, expert) {idle}  "
                   f"plan/counts {'ok' if ok else 'FAILED'}", file=out, flush=True)
@@ -171,7 +171,7 @@ def check_layer(comm, out):
 
 
 def check_train(comm, folder, out):
-    """The tiny preset on R ranks against one process; returns the largest error."""
+    """The tiny preset on Rk ranks against one process; returns the largest error."""
     import os
 
     from .. import runs
@@ -182,7 +182,7 @@ def check_train(comm, folder, out):
     par = ep_train.ExpertParallel(comm)
     keys = ("total", "contrastive", "caption", "aux", "grad_norm")
     a, b = os.path.join(folder, "ranks"), os.path.join(folder, "single")
-    # R ranks: steps 1-2, checkpoint (stop_at) in A
+    # Rk ranks: steps 1-2, checkpoint (stop_at) in A
     ep = train(model_cfg, train_cfg, a, stop_at=2, progress=None, parallel=par,
                decode_eval=False)
     ref = res_a = None
@@ -192,17 +192,17 @@ def check_train(comm, folder, out):
         res_a = train(model_cfg, train_cfg, a, resume=True, progress=None, decode_eval=False)
     comm.barrier()
     res_b = train(model_cfg, train_cfg, b, resume=True, progress=None, parallel=par,
-                  decode_eval=False)            # R ranks resume the 1-process checkpoint
+                  decode_eval=False)            # Rk ranks resume the 1-process checkpoint
     worst = 0.0
     if comm.rank == 0:
-        rows = [("R ranks, steps 1-2", ep.history, ref.history[:2]),
-                ("R ranks resume a 1-process ckpt, steps 3-4", res_b.history, ref.history[2:]),
-                ("1 process resumes an R-rank ckpt, steps 3-4", res_a.history, ref.history[2:])]
+        rows = [("Rk ranks, steps 1-2", ep.history, ref.history[:2]),
+                ("Rk ranks resume a 1-process ckpt, steps 3-4", res_b.history, ref.history[2:]),
+                ("1 process resumes an Rk-rank ckpt, steps 3-4", res_a.history, ref.history[2:])]
         for label, got, want in rows:
             errs = {k: max(rel_error(g[k], w[k]) for g, w in zip(got, want)) for k in keys}
             ok = [g["step"] for g in got] == [w["step"] for w in want]
             worst = max(worst, *errs.values()) if ok else np.inf
-            print(f"train R={comm.size} {label:45s} " + "  ".join(
+            print(f"train Rk={comm.size} {label:45s} " + "  ".join(
                 f"{k} {v:.1e}" for k, v in errs.items())
                 + "  losses " + ", ".join(f"{g['total']:.6f}" for g in got), file=out,
                 flush=True)
@@ -211,7 +211,7 @@ def check_train(comm, folder, out):
 
 
 def check_failure(comm, folder):
-    """Rank R-1 fails at step 2 while the others wait inside a collective: run_guarded
+    """Rank Rk-1 fails at step 2 while the others wait inside a collective: run_guarded
     must end the job with one line (MPI_Abort), not hang."""
     from .. import runs
     from ..train import train

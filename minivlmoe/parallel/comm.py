@@ -6,7 +6,7 @@ Expert parallelism needs four collectives (docs/parallel.md derives where each i
     alltoallv(a, send, recv) rows a[...] split by destination: send[q] rows to rank q,
                              recv[p] rows back from rank p (counts known on both sides)
     allreduce_sum(a)         the element-wise sum over ranks, on every rank
-    allgather_counts(n)      (R,) one int per rank
+    allgather_counts(n)      (Rk,) one int per rank
 
 Every call counts the bytes this rank sends to *other* ranks (a message to itself is a
 local copy) and the seconds spent inside MPI, by a ``tag`` the caller names ("plan",
@@ -45,7 +45,7 @@ class Comm:
 
     Attributes
     ----------
-    rank, size : this process's rank r and the number of ranks R.
+    rank, size : this process's rank r and the number of ranks Rk.
     bytes_sent : dict tag -> bytes this rank sent to other ranks.
     seconds : dict tag -> seconds spent in the collectives of that tag.
     """
@@ -68,9 +68,9 @@ class Comm:
         return out
 
     def allgather_counts(self, n, tag="plan"):
-        """(R,) int64: the ``n`` of every rank, in rank order."""
+        """(Rk,) int64: the ``n`` of every rank, in rank order."""
         send = np.array([n], dtype=np.int64)                     # (1,)
-        recv = np.empty(self.size, dtype=np.int64)               # (R,)
+        recv = np.empty(self.size, dtype=np.int64)               # (Rk,)
         self._timed(tag, lambda: self.mpi.Allgather(send, recv))
         self.bytes_sent[tag] += send.nbytes * (self.size - 1)
         return recv
@@ -78,14 +78,14 @@ class Comm:
     def allgather_rows(self, a, counts, tag="plan"):
         """Concatenate every rank's ``a`` (n_r, ...) along axis 0, in rank order.
 
-        ``counts`` (R,) are the n_r of all ranks (:meth:`allgather_counts`), so no
+        ``counts`` (Rk,) are the n_r of all ranks (:meth:`allgather_counts`), so no
         extra message is needed for the sizes.  Returns (sum n_r, ...).
         """
         a = np.ascontiguousarray(a)
         row = int(np.prod(a.shape[1:], dtype=np.int64))          # elements per row
         out = np.empty((int(counts.sum()),) + a.shape[1:], dtype=a.dtype)  # (N, ...)
-        sizes = counts * row                                     # (R,) elements per rank
-        displs = np.concatenate([[0], np.cumsum(sizes)[:-1]])    # (R,)
+        sizes = counts * row                                     # (Rk,) elements per rank
+        displs = np.concatenate([[0], np.cumsum(sizes)[:-1]])    # (Rk,)
         self._timed(tag, lambda: self.mpi.Allgatherv(
             a, [out, (sizes, displs)]))
         self.bytes_sent[tag] += a.nbytes * (self.size - 1)
@@ -94,15 +94,15 @@ class Comm:
     def alltoallv(self, a, send_counts, recv_counts, tag):
         """Exchange rows: the rows of ``a`` (M_send, ...) go ``send_counts[q]`` to rank
         q in rank order; returns (sum recv_counts, ...) with ``recv_counts[p]`` rows
-        from rank p in rank order.  Both count arrays are (R,) int and known to the
+        from rank p in rank order.  Both count arrays are (Rk,) int and known to the
         caller (every rank holds the global routing plan)."""
         a = np.ascontiguousarray(a)
         row = int(np.prod(a.shape[1:], dtype=np.int64))          # elements per row
-        out = np.empty((int(recv_counts.sum()),) + a.shape[1:], dtype=a.dtype)  # (M_recv, ...)
-        s_sizes = np.asarray(send_counts, dtype=np.int64) * row  # (R,)
-        r_sizes = np.asarray(recv_counts, dtype=np.int64) * row  # (R,)
-        s_displs = np.concatenate([[0], np.cumsum(s_sizes)[:-1]])  # (R,)
-        r_displs = np.concatenate([[0], np.cumsum(r_sizes)[:-1]])  # (R,)
+        out = np.empty((int(recv_counts.sum()),) + a.shape[1:], dtype=a.dtype)  # (rows_in, ...)
+        s_sizes = np.asarray(send_counts, dtype=np.int64) * row  # (Rk,)
+        r_sizes = np.asarray(recv_counts, dtype=np.int64) * row  # (Rk,)
+        s_displs = np.concatenate([[0], np.cumsum(s_sizes)[:-1]])  # (Rk,)
+        r_displs = np.concatenate([[0], np.cumsum(r_sizes)[:-1]])  # (Rk,)
         self._timed(tag, lambda: self.mpi.Alltoallv(
             [a, (s_sizes, s_displs)], [out, (r_sizes, r_displs)]))
         self.bytes_sent[tag] += int(s_sizes.sum() - s_sizes[self.rank]) * a.itemsize
@@ -111,7 +111,7 @@ class Comm:
     def allreduce_sum(self, a, tag="allreduce"):
         """The element-wise sum over ranks of ``a`` (any shape), on every rank.
 
-        Bytes counted as a ring all-reduce sends them: ``2 (R-1)/R`` times the buffer.
+        Bytes counted as a ring all-reduce sends them: ``2 (Rk-1)/Rk`` times the buffer.
         """
         a = np.ascontiguousarray(a)
         out = np.empty_like(a)

@@ -9,7 +9,7 @@ tokens, so one ``Allreduce`` of those sums gives every rank the single-process v
     cnt_e   = sum_n assign[n, e]                 (E,)  f_e = cnt_e / (N K)
     zsum    = sum_n lse_n^2                      ()    z_loss = zsum / N
     N       = sum_r n_r                          ()
-    per modality group g (shared mode with a modality array; else one group = all):
+    per modality group g (shared mode with a modality array; else one group, all):
     imp_ge  = sum_{n in g} probs[n, e]           (E,)  pbar_g = imp_g / N_g
     hsum_g  = sum_{n in g} H(probs[n])           ()    entropy_local_g = hsum_g / N_g
     N_g                                          ()
@@ -20,7 +20,7 @@ tokens, so one ``Allreduce`` of those sums gives every rank the single-process v
     entropy_local  = sum_g hsum_g / N_g
     entropy_global = sum_g max(0, tau - H(pbar_g))
 
-One message of ``(2 + 2 G) E + 2 + 2 G`` floats per pool (G groups).  The gradients
+One message of ``(2 + groups) E + 2 + 2 groups`` floats per pool.  The gradients
 are those of the single-process losses restricted to this rank's rows: every one is a
 per-expert vector broadcast over tokens (load balance, importance, entropy_global) or a
 per-token term divided by the *global* count (z_loss, entropy_local), so the backward
@@ -101,8 +101,8 @@ def forward(probs, logits, assign, k, groups, tau, comm):
     for idx in groups:
         rows = slice(None) if idx is None else idx
         parts += [probs[rows].sum(axis=0), [float(h[rows].sum()), h[rows].shape[0]]]
-    local = np.concatenate([np.asarray(p, dtype=np.float64) for p in parts])  # (L,)
-    total = comm.allreduce_sum(local, tag="aux")                 # (L,) global sums
+    local = np.concatenate([np.asarray(p, dtype=np.float64) for p in parts])  # (sums,)
+    total = comm.allreduce_sum(local, tag="aux")                 # (sums,) global
     imp, cnt = total[:e].astype(dtype), total[e:2 * e]           # (E,), (E,)
     zsum, count = total[2 * e], int(round(total[2 * e + 1]))
 

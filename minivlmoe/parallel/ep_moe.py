@@ -1,12 +1,12 @@
-"""The expert-parallel MoE layer: experts spread over R ranks, tokens exchanged by
+"""The expert-parallel MoE layer: experts spread over Rk ranks, tokens exchanged by
 all-to-all, the same numbers as minivlmoe/moe/moe_layer.py on the global batch.
 
 Layout
 ------
-R ranks; rank r holds the n_r tokens ``x`` (n_r, D) of its share of the global batch
+Rk ranks; rank r holds the n_r tokens ``x`` (n_r, D) of its share of the global batch
 (the global batch is the ranks' shares concatenated in rank order, N = sum_r n_r), a
-full copy of every router, and the experts ``owned(r) = [r E/R, (r+1) E/R)`` of every
-pool (E divisible by R).  Per pool (docs/parallel.md has the diagram and the sizes)::
+full copy of every router, and the experts ``owned(r) = [r E/Rk, (r+1) E/Rk)`` of every
+pool (E divisible by Rk).  Per pool (docs/parallel.md has the diagram and the sizes)::
 
     route     routing = router.forward(x)                     local, (n_r, E), (n_r, K)
     plan      top, top-1 prob  --Allgather-->  (N, K), (N,)   every rank the same
@@ -50,8 +50,8 @@ from . import ep_aux
 def owned_experts(num_experts, rank, size):
     """The experts ``range(lo, hi)`` of ``rank`` out of ``size``; E must divide evenly."""
     if num_experts % size:
-        raise ValueError(f"num_experts must be divisible by the number of ranks R={size} "
-                         f"(each rank holds E/R experts of every pool), got "
+        raise ValueError(f"num_experts must be divisible by the number of ranks ({size}: "
+                         f"each rank holds num_experts / ranks experts of every pool), got "
                          f"num_experts={num_experts}")
     per = num_experts // size
     return range(rank * per, (rank + 1) * per)
@@ -74,8 +74,8 @@ class Exchange(NamedTuple):
 
     Fields
     ------
-    send : (R,) rows of Xs_me for each destination rank.
-    recv : (R,) rows of Xs_own from each source rank.
+    send : (Rk,) rows of Xs_me for each destination rank.
+    recv : (Rk,) rows of Xs_own from each source rank.
     perm : (M_own,) ``Xs_own[perm] = received rows`` (received grouped by source).
     """
 
@@ -151,7 +151,7 @@ def local_plan(experts_loc, slot_loc, kept_loc, slot_expert_me, num_experts):
 
 
 def _pool_forward(x, params, config, modality, noise, comm, counts):
-    """One pool; ``counts`` (R,) its tokens per rank.  Returns (y, losses, stats, cache)."""
+    """One pool; ``counts`` (Rk,) its tokens per rank.  Returns (y, losses, stats, cache)."""
     n, d = x.shape
     k, e, r = config.k, config.num_experts, comm.rank
     start = int(counts[:r].sum())
@@ -190,7 +190,7 @@ def _pool_forward(x, params, config, modality, noise, comm, counts):
 
     # ---- the owned experts on their slots
     names = {f"e{i}": params["experts"][f"e{g}"] for i, g in enumerate(own)}
-    offsets = plan.offsets[own.start:own.stop + 1] - lo          # (E/R+1,)
+    offsets = plan.offsets[own.start:own.stop + 1] - lo          # (E/Rk+1,)
     ys_own, e_cache = experts.forward(xs_own, offsets, names)    # (M_own, D)
 
     # ---- combine: the outputs travel back to their tokens' ranks
@@ -266,7 +266,7 @@ def forward(x, params, config, comm, modality=None, *, rng=None, train=False):
     """
     if not isinstance(config, MoEConfig):
         raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
-    owned_experts(config.num_experts, comm.rank, comm.size)      # E divisible by R
+    owned_experts(config.num_experts, comm.rank, comm.size)      # E divisible by Rk
     n, d = x.shape
     noisy = bool(train) and config.noise_std > 0
     if config.mode == "modality" and modality is None:
@@ -284,7 +284,7 @@ def forward(x, params, config, comm, modality=None, *, rng=None, train=False):
     for name, idx, pool in pools:
         x_p = x if idx is None else x[idx]                       # (n_p, D)
         mod_p = modality if idx is None else None
-        counts = comm.allgather_counts(x_p.shape[0])             # (R,) pool tokens per rank
+        counts = comm.allgather_counts(x_p.shape[0])             # (Rk,) pool tokens per rank
         total += int(counts.sum())
         if counts.sum() == 0:                                    # no token on any rank
             zeros = np.zeros(config.num_experts, dtype=np.int64)  # (E,)

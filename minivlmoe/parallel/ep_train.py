@@ -1,4 +1,4 @@
-"""Training on R ranks: data parallelism for the dense part, expert parallelism for the
+"""Training on Rk ranks: data parallelism for the dense part, expert parallelism for the
 MoE layers, the same losses and gradients as one process on the global batch.
 
 Every rank runs the same training loop (minivlmoe/train.py) on the same global batch
@@ -71,10 +71,10 @@ def experts_over(comm):
 
 
 def shares(batch, size):
-    """(R+1,) bounds of each rank's pairs: rank r holds ``[bounds[r], bounds[r+1])``."""
+    """(Rk+1,) bounds of each rank's pairs: rank r holds ``[bounds[r], bounds[r+1])``."""
     if batch < size:
-        raise ValueError(f"batch_size must be at least the number of ranks R={size} "
-                         f"(every rank needs one pair), got {batch}")
+        raise ValueError(f"batch_size must be at least the number of ranks ({size}: "
+                         f"every rank needs one pair), got {batch}")
     return np.concatenate([[0], np.cumsum([len(a) for a in
                                            np.array_split(np.arange(batch), size)])])
 
@@ -83,8 +83,8 @@ def allreduce_tree(grads, comm):
     """Sum a gradient tree over ranks with one Allreduce (sparse leaves: their data)."""
     flat = flatten(grads)
     leaves = [(v.data if isinstance(v, sp.csr_array) else np.asarray(v)) for v in flat.values()]
-    buf = np.concatenate([a.ravel() for a in leaves])            # (P,) every gradient
-    total = comm.allreduce_sum(buf, tag="allreduce")             # (P,)
+    buf = np.concatenate([a.ravel() for a in leaves])            # (nparams,) every gradient
+    total = comm.allreduce_sum(buf, tag="allreduce")             # (nparams,)
     out, at = {}, 0
     for (path, leaf), a in zip(flat.items(), leaves):
         part = total[at:at + a.size].reshape(a.shape)            # the leaf's shape
@@ -94,7 +94,7 @@ def allreduce_tree(grads, comm):
 
 
 class ExpertParallel:
-    """What train.train needs to run as one of R ranks.
+    """What train.train needs to run as one of Rk ranks.
 
     Attributes
     ----------
@@ -113,11 +113,12 @@ class ExpertParallel:
         size = self.comm.size
         if model_cfg.experts != "dense" and model_cfg.num_experts % size:
             return (f"--expert-parallel: num_experts must be divisible by the number of "
-                    f"ranks R={size} (each rank holds E/R experts of every pool), got "
+                    f"ranks ({size}: each rank holds num_experts / ranks experts of every "
+                    f"pool), got "
                     f"num_experts={model_cfg.num_experts}")
         if train_cfg.batch_size < size:
             return (f"--expert-parallel: batch_size must be at least the number of ranks "
-                    f"R={size} (every rank needs one pair), got {train_cfg.batch_size}")
+                    f"({size}: every rank needs one pair), got {train_cfg.batch_size}")
         return None
 
     def loss_and_grads(self, params, cfg, images, ids, *, pad_id, keys=None, rng=None,
@@ -131,7 +132,7 @@ class ExpertParallel:
         ids, pad_id = sequence.check_ids(cfg, ids, pad_id, min_len=2)
         bounds = shares(ids.shape[0], comm.size)
         b0, b1 = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
-        counts = np.diff(bounds)                                   # (R,) pairs per rank
+        counts = np.diff(bounds)                                   # (Rk,) pairs per rank
         positives = None if keys is None else contrastive.duplicate_positives(
             np.asarray(keys))                                      # (B, B) global
         img_r, ids_r = images[b0:b1], ids[b0:b1]                   # my pairs
@@ -215,7 +216,7 @@ def run_guarded(parallel, fn):
     """Run ``fn()`` on this rank of ``parallel`` (an ExpertParallel); a failure on any
     rank ends the whole job, with one line.
 
-    An exception prints ``minivlmoe: error: rank r of R: <what>`` on stderr and calls
+    An exception prints ``minivlmoe: error: rank r of Rk: <what>`` on stderr and calls
     ``MPI_Abort`` (not a timeout: the other ranks may be blocked inside a collective,
     and Abort is the one call that ends them at once; mpich adds its own
     ``Abort(1) on node r`` notice).  A non-zero return (``cli.fail`` already printed
