@@ -65,7 +65,7 @@ def test_layer_equals_one_process(ranks):
     # the cases reach ranks that hold no token for some expert (and one with no token)
     assert "rank 0 has no token" in proc.stdout, _report(proc)
     idle = [int(v) for v in re.findall(r"idle \(rank, expert\) (\d+)", proc.stdout)]
-    assert len(idle) == 19 and sum(v > 0 for v in idle) >= 10, _report(proc)
+    assert len(idle) == 19 and sum(v > 0 for v in idle) >= 5, _report(proc)
     assert _max_error(proc) <= 1e-12, _report(proc)
 
 
