@@ -206,8 +206,8 @@ def check_train(comm, folder, out):
                 f"{k} {v:.1e}" for k, v in errs.items())
                 + "  losses " + ", ".join(f"{g['total']:.6f}" for g in got), file=out,
                 flush=True)
-    return float(comm.allreduce_sum(np.array([worst if np.isfinite(worst) else 1e300]))[0]
-                 if comm.size else worst)
+    worst = worst if np.isfinite(worst) else 1e300              # rank 0's figure ...
+    return float(comm.allreduce_sum(np.array([worst]))[0])     # ... on every rank
 
 
 def check_failure(comm, folder):

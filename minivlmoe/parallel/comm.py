@@ -122,6 +122,14 @@ class Comm:
     def barrier(self):
         self.mpi.Barrier()
 
+    def wait_for_abort(self, seconds):
+        """Wait up to ``seconds`` in a barrier no healthy rank will enter: the job ends
+        (another rank's Abort) before it completes.  Returns when the time is up."""
+        request = self.mpi.Ibarrier()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not request.Test():
+            time.sleep(0.02)
+
     def abort(self, code=1):
         """End every rank of the job (``MPI_Abort``): no rank is left waiting."""
         self.mpi.Abort(code)

@@ -51,8 +51,10 @@ class _TowerMoE:
 
     def __init__(self, comm):
         self.comm = comm
+        self.calls = 0
 
     def forward(self, x, params, config, modality=None, *, rng=None, train=False):
+        self.calls += 1
         return ep_moe.forward(x, params, config, self.comm, modality, rng=rng, train=train)
 
     def backward(self, dy, cache, daux_total=1.0):
@@ -61,11 +63,12 @@ class _TowerMoE:
 
 @contextlib.contextmanager
 def experts_over(comm):
-    """Inside the block, tower.py's MoE layers are expert-parallel over ``comm``."""
+    """Inside the block, tower.py's MoE layers are expert-parallel over ``comm``; yields
+    the stand-in, whose ``calls`` count the MoE layer calls."""
     saved = tower.moe_layer
-    tower.moe_layer = _TowerMoE(comm)
+    tower.moe_layer = layer = _TowerMoE(comm)
     try:
-        yield
+        yield layer
     finally:
         tower.moe_layer = saved
 
@@ -145,10 +148,14 @@ class ExpertParallel:
                 params, cfg, img_r, ids_r[:, :-1] if use_cap else None,
                 ids_r if use_ret else None, pad_id, ids_r[:, 1:] != pad_id)  # (b, S, D)
         layout = seq.layout
-        with experts_over(comm):
+        with experts_over(comm) as layer:
             h, aux_total, stats, c_tower = tower.forward(
                 seq.x, seq.mask, seq.modality, seq.rows, params, cfg, rng=rng, train=train,
                 timer=timer)                                       # (b, S, D)
+        if layer.calls == 0 and any(kind != "ffn" for kind, _ in cfg.layer_kinds()):
+            raise RuntimeError("tower.py did not call its MoE layers through the moe_layer "
+                               "module attribute, so they ran on this rank's tokens alone "
+                               "(parallel/ep_train.py: experts_over)")
         losses = {"contrastive": 0.0, "caption": 0.0}
         with timer.section("losses"):
             if use_ret:
@@ -177,7 +184,7 @@ class ExpertParallel:
             losses[f"aux_{name}"] = float(sum(s["losses"][name] for s in stats.values()))
 
         # ---- backward: model.backward's call list on my pairs
-        B_, S, D = c_tower.shape
+        _, S, D = c_tower.shape
         grads = {}
         dh = np.zeros((b, S, D), dtype=cfg.np_dtype)               # (b, S, D)
         with timer.section("losses"):
@@ -212,33 +219,48 @@ class ExpertParallel:
         return losses, grads, stats
 
 
-def run_guarded(parallel, fn):
+GRACE_S = 30.0   # how long a rank waits for rank 0 to end the job (run_guarded)
+
+
+def run_guarded(parallel, fn, grace=GRACE_S):
     """Run ``fn()`` on this rank of ``parallel`` (an ExpertParallel); a failure on any
     rank ends the whole job, with one line.
 
-    An exception prints ``minivlmoe: error: rank r of Rk: <what>`` on stderr and calls
-    ``MPI_Abort`` (not a timeout: the other ranks may be blocked inside a collective,
-    and Abort is the one call that ends them at once; mpich adds its own
-    ``Abort(1) on node r`` notice).  A non-zero return (``cli.fail`` already printed
-    the line) also aborts, except on ranks other than 0 before the first step: the
-    checks before training read the same arguments and files on every rank, so rank 0
-    fails alike and aborts for everyone.  Ranks other than 0 print nothing else: their
-    stdout and stderr go to os.devnull (rank 0 says everything once).
+    A failure prints ``minivlmoe: error: rank r of Rk: <what>`` on stderr (or the
+    ``cli.fail`` line of a non-zero return) and calls ``MPI_Abort``: not a timeout,
+    because the other ranks may be blocked inside a collective, and Abort is the one
+    call that ends them at once (mpich adds its own ``Abort(1) on node r`` notice).
+
+    Failures that every rank meets alike -- the checks before the first step (same
+    arguments, same files) and a divergence (every rank has the same losses) -- are
+    said by rank 0 alone: the other ranks wait up to ``grace`` seconds for rank 0's
+    Abort, and only if it does not come say their own line and abort.  Ranks other
+    than 0 print nothing else: their stdout and stderr go to os.devnull.
     """
     from .._checks import error_line
+    from ..divergence import TrainingDiverged
 
     comm = parallel.comm
     if comm.rank != 0:
         sys.stdout = sys.stderr = open(os.devnull, "w")
+    line, alike = None, False
     try:
         code = fn()
-    except SystemExit as e:                   # argparse usage errors (already printed)
+    except SystemExit as e:                   # argparse usage errors (printed by rank 0)
         code = e.code if isinstance(e.code, int) else 1
     except BaseException as e:                # noqa: BLE001 - any failure ends every rank
-        print(f"minivlmoe: error: rank {comm.rank} of {comm.size}: {error_line(e)}",
-              file=sys.__stderr__, flush=True)
         code = 1
-    if code and (comm.rank == 0 or parallel.started):
-        sys.__stderr__.flush()
-        comm.abort(code)
+        line = f"minivlmoe: error: rank {comm.rank} of {comm.size}: {error_line(e)}"
+        alike = isinstance(e, TrainingDiverged)
+    if not code:
+        return 0
+    alike = alike or (line is None and not parallel.started)
+    if comm.rank != 0 and alike:
+        comm.wait_for_abort(grace)            # rank 0 failed alike and ends the job
+        line = line or (f"minivlmoe: error: rank {comm.rank} of {comm.size}: failed "
+                        f"before the first step (exit status {code}) but rank 0 did not")
+    if line is not None:
+        print(line, file=sys.__stderr__, flush=True)
+    sys.__stderr__.flush()
+    comm.abort(code)
     return code
