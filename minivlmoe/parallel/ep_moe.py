@@ -122,6 +122,12 @@ def local_plan(experts_loc, slot_loc, kept_loc, slot_expert_me, num_experts):
     experts_loc, slot_loc, kept_loc : (n_r, K) rows of the global plan.
     slot_expert_me : (m_r,) expert of each of my kept slots, in global slot order.
     num_experts : E.
+
+    Returns
+    -------
+    plan : dispatch.Plan over (n_r, m_r); ``offsets``/``load`` count my slots per
+        expert; ``capacity`` and ``position`` are -1 (the global plan holds them, and
+        dispatch/combine never read them).
     """
     n, k = experts_loc.shape
     mine = np.sort(slot_loc[kept_loc])                           # (m_r,) global slots, sorted
