@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -96,6 +97,92 @@ def allreduce_tree(grads, comm):
     return unflatten(out)
 
 
+class Heads(NamedTuple):
+    """Caches of the two task losses, for this rank's b_r pairs.
+
+    Fields
+    ------
+    rows : (b0, b1), my pairs among the B.   layout : the sequence layout.
+    img_proj, img_norm, txt_proj, txt_norm : my rows' head caches (or None).
+    contrastive : the InfoNCE cache over all B pairs (or None).
+    txt_last : (b_r,) the pooled retrieval-text position of my pairs.
+    lm_head, caption : my rows' captioning caches (or None).
+    count : non-pad caption targets of the whole batch.
+    """
+
+    rows: tuple
+    layout: object
+    img_proj: object
+    img_norm: object
+    txt_proj: object
+    txt_norm: object
+    contrastive: object
+    txt_last: np.ndarray | None
+    lm_head: object
+    caption: object
+    count: int
+
+
+def heads_forward(h, params, cfg, ids_r, pad_id, positives, layout, comm, counts):
+    """The contrastive and caption losses of the global batch from my rows of ``h``
+    (b_r, S, D): ``({"contrastive", "caption"}, Heads)``, equal on every rank."""
+    b = h.shape[0]
+    b0 = int(counts[:comm.rank].sum())
+    losses = {"contrastive": 0.0, "caption": 0.0}
+    c_ip = c_in = c_tp = c_tn = c_con = txt_last = c_lm = c_ce = None
+    count = 0
+    if cfg.contrastive_weight > 0:
+        txt_last = sequence.last_valid(ids_r != pad_id)            # (b,)
+        txt_pool = h[np.arange(b), layout.retrieval_slice.start + txt_last]  # (b, D) eos
+        img_z, c_ip = linear.forward(h[:, 0], params["img_proj"])  # (b, De) final cls
+        img_emb, c_in = l2norm.forward(img_z)                      # (b, De)
+        txt_z, c_tp = linear.forward(txt_pool, params["txt_proj"])  # (b, De)
+        txt_emb, c_tn = l2norm.forward(txt_z)                      # (b, De)
+        img_all = comm.allgather_rows(img_emb, counts, tag="heads")  # (B, De)
+        txt_all = comm.allgather_rows(txt_emb, counts, tag="heads")  # (B, De)
+        losses["contrastive"], c_con = contrastive.forward(
+            img_all, txt_all, params["log_logit_scale"], positives)
+    if cfg.caption_weight > 0:
+        logits, c_lm = linear.forward(h[:, layout.caption_slice],
+                                      params["lm_head"])           # (b, T-1, V)
+        ce_r, c_ce = cross_entropy.forward(logits, ids_r[:, 1:], pad_id)
+        sums = comm.allreduce_sum(np.array([ce_r * c_ce.count, c_ce.count],
+                                           dtype=np.float64), tag="heads")  # (2,)
+        count = int(round(sums[1]))
+        losses["caption"] = float(sums[0] / count) if count else 0.0
+    return losses, Heads(rows=(b0, b0 + b), layout=layout, img_proj=c_ip, img_norm=c_in,
+                         txt_proj=c_tp, txt_norm=c_tn, contrastive=c_con, txt_last=txt_last,
+                         lm_head=c_lm, caption=c_ce, count=count)
+
+
+def heads_backward(cache, cfg, comm, shape):
+    """My part of the task losses' gradient: ``dh`` (b_r, S, D) and the head grads
+    (this rank's contributions, to be summed over ranks)."""
+    (b0, b1), layout = cache.rows, cache.layout
+    b = b1 - b0
+    grads = {}
+    dh = np.zeros((b,) + tuple(shape[1:]), dtype=cfg.np_dtype)     # (b, S, D)
+    if cache.caption is not None:
+        # caption = sum_r count_r CE_r / count  ->  dCE_r = count_r / count
+        scale = cfg.caption_weight * (cache.caption.count / cache.count if cache.count else 0.0)
+        dlogits = cross_entropy.backward(scale, cache.caption)     # (b, T-1, V)
+        dh_cap, grads["lm_head"] = linear.backward(dlogits, cache.lm_head)
+        dh[:, layout.caption_slice] = dh_cap                       # (b, T-1, D)
+    if cache.contrastive is not None:
+        dimg_all, dtxt_all, dscale = contrastive.backward(
+            cfg.contrastive_weight, cache.contrastive)             # (B, De) x2, ()
+        # every rank computed the same d log_logit_scale: rank 0's alone enters the sum
+        grads["log_logit_scale"] = dscale if comm.rank == 0 else np.zeros_like(dscale)
+        dtxt_z = l2norm.backward(dtxt_all[b0:b1], cache.txt_norm)  # (b, De) my rows
+        dtxt_pool, grads["txt_proj"] = linear.backward(dtxt_z, cache.txt_proj)
+        dimg_z = l2norm.backward(dimg_all[b0:b1], cache.img_norm)  # (b, De) my rows
+        dimg_pool, grads["img_proj"] = linear.backward(dimg_z, cache.img_proj)
+        dh[np.arange(b), layout.retrieval_slice.start + cache.txt_last] += dtxt_pool  # (b, D)
+        dh[:, 0] += dimg_pool                                      # (b, D) cls rows
+    return dh, grads
+
+
+
 class ExpertParallel:
     """What train.train needs to run as one of Rk ranks.
 
@@ -139,7 +226,6 @@ class ExpertParallel:
         positives = None if keys is None else contrastive.duplicate_positives(
             np.asarray(keys))                                      # (B, B) global
         img_r, ids_r = images[b0:b1], ids[b0:b1]                   # my pairs
-        b = b1 - b0
         use_cap, use_ret = cfg.caption_weight > 0, cfg.contrastive_weight > 0
 
         # ---- forward: embed and tower on my pairs, MoE layers expert-parallel
@@ -156,27 +242,9 @@ class ExpertParallel:
             raise RuntimeError("tower.py did not call its MoE layers through the moe_layer "
                                "module attribute, so they ran on this rank's tokens alone "
                                "(parallel/ep_train.py: experts_over)")
-        losses = {"contrastive": 0.0, "caption": 0.0}
         with timer.section("losses"):
-            if use_ret:
-                txt_last = sequence.last_valid(ids_r != pad_id)    # (b,)
-                txt_pool = h[np.arange(b), layout.retrieval_slice.start + txt_last]  # (b, D)
-                img_z, c_ip = linear.forward(h[:, 0], params["img_proj"])  # (b, De)
-                img_emb, c_in = l2norm.forward(img_z)              # (b, De)
-                txt_z, c_tp = linear.forward(txt_pool, params["txt_proj"])  # (b, De)
-                txt_emb, c_tn = l2norm.forward(txt_z)              # (b, De)
-                img_all = comm.allgather_rows(img_emb, counts, tag="heads")  # (B, De)
-                txt_all = comm.allgather_rows(txt_emb, counts, tag="heads")  # (B, De)
-                losses["contrastive"], c_con = contrastive.forward(
-                    img_all, txt_all, params["log_logit_scale"], positives)
-            if use_cap:
-                logits, c_lm = linear.forward(h[:, layout.caption_slice],
-                                              params["lm_head"])   # (b, T-1, V)
-                ce_r, c_ce = cross_entropy.forward(logits, ids_r[:, 1:], pad_id)
-                sums = comm.allreduce_sum(np.array([ce_r * c_ce.count, c_ce.count],
-                                                   dtype=np.float64), tag="heads")  # (2,)
-                count = int(round(sums[1]))
-                losses["caption"] = float(sums[0] / count) if count else 0.0
+            losses, c_heads = heads_forward(h, params, cfg, ids_r, pad_id, positives, layout,
+                                            comm, counts)
         losses["aux"] = float(aux_total)
         losses["total"] = (cfg.contrastive_weight * losses["contrastive"]
                            + cfg.caption_weight * losses["caption"] + losses["aux"])
@@ -184,25 +252,8 @@ class ExpertParallel:
             losses[f"aux_{name}"] = float(sum(s["losses"][name] for s in stats.values()))
 
         # ---- backward: model.backward's call list on my pairs
-        _, S, D = c_tower.shape
-        grads = {}
-        dh = np.zeros((b, S, D), dtype=cfg.np_dtype)               # (b, S, D)
         with timer.section("losses"):
-            if use_cap:
-                scale = cfg.caption_weight * (c_ce.count / count if count else 0.0)
-                dlogits = cross_entropy.backward(scale, c_ce)      # (b, T-1, V)
-                dh_cap, grads["lm_head"] = linear.backward(dlogits, c_lm)
-                dh[:, layout.caption_slice] = dh_cap               # (b, T-1, D)
-            if use_ret:
-                dimg_all, dtxt_all, dscale = contrastive.backward(
-                    cfg.contrastive_weight, c_con)                 # (B, De) x2, ()
-                grads["log_logit_scale"] = dscale if comm.rank == 0 else np.zeros_like(dscale)
-                dtxt_z = l2norm.backward(dtxt_all[b0:b1], c_tn)    # (b, De) my rows
-                dtxt_pool, grads["txt_proj"] = linear.backward(dtxt_z, c_tp)
-                dimg_z = l2norm.backward(dimg_all[b0:b1], c_in)    # (b, De) my rows
-                dimg_pool, grads["img_proj"] = linear.backward(dimg_z, c_ip)
-                dh[np.arange(b), layout.retrieval_slice.start + txt_last] += dtxt_pool
-                dh[:, 0] += dimg_pool                              # (b, D) cls rows
+            dh, grads = heads_backward(c_heads, cfg, comm, c_tower.shape)  # (b, S, D)
         with experts_over(comm):
             dx, grads["blocks"], grads["ln_f"] = tower.backward(dh, c_tower, 1.0,
                                                                 timer=timer)  # (b, S, D)
