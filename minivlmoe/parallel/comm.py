@@ -1,12 +1,13 @@
 """The message-passing layer: a thin wrapper over an mpi4py communicator.
 
-Expert parallelism needs four collectives (docs/parallel.md derives where each is used)::
+Expert parallelism needs four collectives, and a way to stop (docs/parallel.md derives where each is used)::
 
     allgather_rows(a)        every rank's (n_r, ...) rows, concatenated in rank order
     alltoallv(a, send, recv) rows a[...] split by destination: send[q] rows to rank q,
                              recv[p] rows back from rank p (counts known on both sides)
     allreduce_sum(a)         the element-wise sum over ranks, on every rank
     allgather_counts(n)      (Rk,) one int per rank
+    abort(), wait_for_abort  end every rank at once when one fails (ep_train.run_guarded)
 
 Every call counts the bytes this rank sends to *other* ranks (a message to itself is a
 local copy) and the seconds spent inside MPI, by a ``tag`` the caller names ("plan",
