@@ -1,6 +1,7 @@
 """The message-passing layer: a thin wrapper over an mpi4py communicator.
 
-Expert parallelism needs four collectives, and a way to stop (docs/parallel.md derives where each is used)::
+Expert parallelism needs four collectives and a way to stop (docs/parallel.md derives
+where each is used)::
 
     allgather_rows(a)        every rank's (n_r, ...) rows, concatenated in rank order
     alltoallv(a, send, recv) rows a[...] split by destination: send[q] rows to rank q,
