@@ -73,6 +73,8 @@ Nt       texts ranked in retrieval
 M_e      filled slots of expert e
 N_p      tokens of one expert pool
 N_group  tokens of one auxiliary-loss group
+Rk       ranks (processes) of an expert-parallel job (minivlmoe/parallel/)
+M_own    filled slots of the experts one rank holds (minivlmoe/parallel/)
 """
 
 __version__ = "0.1.0"

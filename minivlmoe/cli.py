@@ -183,6 +183,10 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true",
                    help="start again even if --out holds a run")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="one of R ranks under `mpiexec -n R` (needs the mpi extra): experts "
+                        "spread over the ranks, the batch split; rank 0 writes "
+                        "(docs/parallel.md)")
 
     p = _subcommand(sub, commands.cmd_eval, "eval",
                     help="evaluate a checkpoint on its test split")

@@ -95,6 +95,18 @@ def _compressed_entry(config):
 
 
 def cmd_train(args):
+    if args.expert_parallel:                       # one of R ranks (docs/parallel.md)
+        try:
+            from .parallel import comm, ep_train
+            world = comm.world()
+        except ImportError as e:
+            return fail(f"--expert-parallel: {e}")
+        parallel = ep_train.ExpertParallel(world)
+        return ep_train.run_guarded(parallel, lambda: _train(args, parallel))
+    return _train(args)
+
+
+def _train(args, parallel=None):
     import dataclasses
     import json
 
@@ -160,7 +172,10 @@ def cmd_train(args):
         if os.path.exists(os.path.join(out, run_folder.CKPT_NAME)) and not args.overwrite:
             return fail(f"{out} already holds a run; pass --resume to continue it, "
                          "--overwrite to start again, or choose another --out")
-    progress = None if args.quiet else sys.stderr
+    problem = None if parallel is None else parallel.check(model_cfg, train_cfg)
+    if problem is not None:                        # every rank stops; rank 0 says why
+        return fail(problem) if parallel.writer else 1
+    progress = None if args.quiet or (parallel and not parallel.writer) else sys.stderr
     if progress is not None:
         on = "" if data is None else (f" on {data.path} ({train_cfg.n_train} train, "
                                       f"{train_cfg.n_test} test pairs, {model_cfg.image_size}"
@@ -174,7 +189,8 @@ def cmd_train(args):
         with np.errstate(over="ignore", invalid="ignore"):
             result = train.train(model_cfg, train_cfg, out, data=data, resume=args.resume,
                                  preset=preset, progress=progress,
-                                 extra_config=_compressed_entry(saved if args.resume else {}))
+                                 extra_config=_compressed_entry(saved if args.resume else {}),
+                                 parallel=parallel)
     except KeyboardInterrupt:
         return fail(f"interrupted; continue from the last checkpoint with "
                      f"`minivlmoe train --out {out} --resume`")

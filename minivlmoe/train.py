@@ -234,7 +234,8 @@ def _data_setup(model_cfg, train_cfg, data):
 
 
 def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_at=None,
-          progress=sys.stderr, preset=None, timer=None, decode_eval=True, extra_config=None):
+          progress=sys.stderr, preset=None, timer=None, decode_eval=True, extra_config=None,
+          parallel=None):
     """Train a model on the built-in world or your data; write metrics and checkpoints.
 
     Parameters
@@ -260,6 +261,9 @@ def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_a
     decode_eval : include greedy decoding (caption metrics) in the evaluations.
     extra_config : dict or None; entries added to the run's config (e.g. the
         ``"compressed"`` entry of a pruned run, :mod:`minivlmoe.compress.finetune`).
+    parallel : None, or one rank's :class:`minivlmoe.parallel.ep_train.ExpertParallel`:
+        its ``loss_and_grads`` replaces the model's, and only its ``writer`` (rank 0)
+        touches ``out_dir`` (the others only read the checkpoint to resume) and evaluates.
 
     Returns
     -------
@@ -296,15 +300,21 @@ def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_a
     ckpt_path = None if out_dir is None else os.path.join(out_dir, CKPT_NAME)
     metrics_path = None if out_dir is None else os.path.join(out_dir, METRICS_NAME)
     history_path = None if out_dir is None else os.path.join(out_dir, HISTORY_NAME)
+    loss_and_grads = model.loss_and_grads if parallel is None else parallel.loss_and_grads
+    writer = parallel is None or parallel.writer   # expert parallel: rank 0 writes
     if resume:
-        remove_run_temps(out_dir)                  # left by writes a kill interrupted
+        if writer:
+            remove_run_temps(out_dir)              # left by writes a kill interrupted
         state = _resumed_state(ckpt_path, config, train_cfg, len(ids))
-        truncate_metrics(out_dir, state.step)      # also drops a torn last line
-        truncate_history(out_dir, state.step)
+        if writer:
+            truncate_metrics(out_dir, state.step)  # also drops a torn last line
+            truncate_history(out_dir, state.step)
     else:
         state = _fresh_state(model_cfg, train_cfg, len(ids))
-        if out_dir is not None:
+        if out_dir is not None and writer:
             new_run_folder(out_dir, config)
+    if not writer:
+        out_dir = None                             # the other ranks write nothing
 
     def elapsed():
         return state.elapsed0 + time.perf_counter() - t_start
@@ -333,10 +343,10 @@ def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_a
             idx = state.stream.next()                                  # (B,)
             batch = images[idx], ids[idx], keys[idx]
         try:
-            losses, grads, _ = model.loss_and_grads(state.params, model_cfg, batch[0],
-                                                    batch[1], pad_id=PAD_ID, keys=batch[2],
-                                                    rng=state.model_rng, train=True,
-                                                    all_losses=False, timer=sections)
+            losses, grads, _ = loss_and_grads(state.params, model_cfg, batch[0], batch[1],
+                                              pad_id=PAD_ID, keys=batch[2],
+                                              rng=state.model_rng, train=True,
+                                              all_losses=False, timer=sections)
         except (FloatingPointError, ValueError) as e:
             if state.step == 0 or not blew_up(e):    # initial parameters: not divergence
                 raise
@@ -357,8 +367,8 @@ def train(model_cfg, train_cfg, out_dir=None, *, data=None, resume=False, stop_a
         state.count += 1
         bar.update(state.step, losses, info["lr"], elapsed())
 
-        if state.step == train_cfg.steps or (train_cfg.eval_every
-                                             and state.step % train_cfg.eval_every == 0):
+        if writer and (state.step == train_cfg.steps or (
+                train_cfg.eval_every and state.step % train_cfg.eval_every == 0)):
             clips.report(state.step, progress)
             bar.evaluating(state.step, len(splits.test))
             try:
