@@ -264,3 +264,29 @@ def test_dtype_preserved_and_inputs_untouched(dtype):
 def test_bad_input(fn, x, kwargs, error, match):
     with pytest.raises(error, match=match):
         fn(x, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rows_far_below_zero_and_above_the_limit_match_naive(dtype):
+    """The last-axis path skips the row max when every entry is below EXP_LIMIT and redoes
+    the rows whose sum is tiny: rows at -200 (exp underflows there), rows near the limit,
+    a row above it (the whole array then takes the shifted path), masked rows."""
+    rng = np.random.default_rng(5)
+    limit = softmax.EXP_LIMIT[np.dtype(dtype)]
+    x = rng.standard_normal((6, 7))
+    x[1] -= 200.0                                                # exp(x) underflows
+    x[2] -= 2 * limit                                            # far below, in float64 too
+    x[3] += limit - 2.0                                          # near the limit: no overflow
+    x[4, :3] = -np.inf                                           # partly masked
+    x[5] = -np.inf                                               # fully masked
+    x = x.astype(dtype)
+    want, _ = naive_masked_softmax(x.astype(np.float64), -1)
+    got, _ = softmax.forward(x)
+    tol = 1e-6 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * 1e-3)
+    np.testing.assert_array_equal(got[5], 0.0)
+    above = x.copy()
+    above[0, 0] = dtype(limit + 5.0)                             # over the limit: shifted
+    np.testing.assert_allclose(softmax.forward(above)[0],
+                               naive_masked_softmax(above.astype(np.float64), -1)[0],
+                               rtol=tol, atol=tol * 1e-3)

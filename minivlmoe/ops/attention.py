@@ -142,7 +142,8 @@ class QKVCache(NamedTuple):
 def project_qkv(x, params, heads):
     """The Q, K and V projections of ``x`` (B, S, D), head-split: ``(qkv, cache)``.
 
-    ``qkv`` is one (3, B, H, S, Dh) array: ``qkv[0], qkv[1], qkv[2]`` are q, k, v.  When
+    ``qkv`` is one (3, B, H, S, Dh) view (:func:`split_qkv`): ``qkv[0], qkv[1], qkv[2]``
+    are q, k, v.  When
     all three weights take sparse_linear's dense path (density 1, or >= DENSE_ABOVE) they
     run as ONE product with the stacked weight ``[Wq; Wk; Wv]`` (3D, D): one BLAS call
     over a 3x wider output instead of three, and one head split.  Otherwise (low-density
@@ -168,9 +169,17 @@ def project_qkv(x, params, heads):
         for i, n in enumerate(("q", "k", "v")):
             y[:, i * D:(i + 1) * D], lin[n] = linear.forward(x2, params[n])  # (N, D)
         cache = QKVCache(x2=x2, Wd=None, W=None, lin=lin, lead=(B, S))
+    return split_qkv(y, B, S, heads), cache                        # (3, B, H, S, Dh) a view
+
+
+def split_qkv(y, B, S, heads):
+    """The head-split view of a (B*S, 3D) array ``[q | k | v]``: (3, B, H, S, Dh),
+    '(b s) (r h e) -> r b h s e'.  No copy: the products that read it take strided
+    matrices, and the view's inverse (:func:`project_qkv_backward`) is a free reshape.
+    Backward builds its gradient the same way, on a zero (B*S, 3D) buffer."""
+    D = y.shape[1] // 3
     qkv = y.reshape(B, S, 3, heads, D // heads)                    # (B, S, 3, H, Dh)
-    qkv = np.ascontiguousarray(qkv.transpose(2, 0, 3, 1, 4))       # (3, B, H, S, Dh)
-    return qkv, cache
+    return qkv.transpose(2, 0, 3, 1, 4)                            # (3, B, H, S, Dh) view
 
 
 def project_qkv_backward(dqkv, cache):
@@ -178,7 +187,7 @@ def project_qkv_backward(dqkv, cache):
     (3, B, H, S, Dh)."""
     B, S = cache.lead
     N, D = cache.x2.shape
-    dy = dqkv.transpose(1, 3, 0, 2, 4).reshape(N, 3 * D)           # (N, 3D) 'r b h s e -> (b s) (r h e)'
+    dy = dqkv.transpose(1, 3, 0, 2, 4).reshape(N, 3 * D)           # (N, 3D) 'r b h s e -> (b s) (r h e)', free for a split_qkv view
     dparams = {}
     if cache.Wd is not None:
         # y = x2 Wd^T + bd  ->  dx = dy Wd,  dWd = dy^T x2,  dbd = sum_n dy
@@ -336,7 +345,8 @@ def backward(dy, cache):
     dctx, do = linear.backward(dy, cache.o)                        # (B, S, D)
     dctx = split_heads(dctx, heads)                               # (B, H, S, Dh)
     # ctx = attend(q, k, v)
-    dqkv = np.empty((3,) + cache.q.shape, dtype=cache.q.dtype)     # (3, B, H, S, Dh)
+    B, H, S, Dh = cache.q.shape
+    dqkv = split_qkv(np.empty((B * S, 3 * H * Dh), dtype=cache.q.dtype), B, S, H)  # (3, B, H, S, Dh)
     dqkv[0], dqkv[1], dqkv[2] = attend_masked_backward(dctx, cache.q, cache.k, cache.v,
                                                        cache.probs, cache.scale)
     # q, k, v = proj(x): x forks into three branches, their gradients add

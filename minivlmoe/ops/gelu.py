@@ -30,10 +30,11 @@ _CLIP = 10.0
 
 
 class Cache(NamedTuple):
-    """``x`` (the input) and ``t = tanh(u(x))``, both of the input's shape."""
+    """``xc``: the input clipped to [-10, 10]; ``q = ½ (1 + tanh u(x))``, so that
+    ``gelu(x) = q x``; both of the input's shape (and memory order)."""
 
-    x: np.ndarray
-    t: np.ndarray
+    xc: np.ndarray
+    q: np.ndarray
 
 
 def _memory_order(x):
@@ -48,34 +49,36 @@ def forward(x):
     order = _memory_order(x)
     x1 = x.reshape(-1, order=order)                              # (x.size,) a flat view (ops in place)
     xc = np.clip(x1, -_CLIP, _CLIP)                              # (x.size,) exact clip (docstring)
-    u = xc * xc                                                  # (x.size,) x²
-    u *= A                                                       #       a x²
-    u += 1.0                                                     #       1 + a x²
-    u *= xc                                                      #       x + a x³
-    u *= C                                                       #       u = c (x + a x³)
-    t = np.tanh(u, out=u)                                        # (x.size,) tanh u (reuses u)
-    y = t + 1.0                                                  # (x.size,) 1 + tanh u
-    y *= x1                                                      #      x (1 + tanh u)
-    y *= 0.5                                                     #      gelu(x)
-    return (y.reshape(x.shape, order=order),                     # (...) back to x's layout
-            Cache(x=x, t=t.reshape(x.shape, order=order)))
+    q = xc * xc                                                  # (x.size,) x²
+    q *= A * C                                                   #       c a x²
+    q += C                                                       #       c (1 + a x²)
+    q *= xc                                                      #       u = c (x + a x³)
+    np.tanh(q, out=q)                                            # (x.size,) tanh u (in place)
+    q *= 0.5
+    q += 0.5                                                     #       q = ½ (1 + tanh u)
+    y = q * x1                                                   # (x.size,) gelu(x) = q x
+    shape = x.shape
+    return (y.reshape(shape, order=order),                       # (...) back to x's layout
+            Cache(xc=xc.reshape(shape, order=order), q=q.reshape(shape, order=order)))
 
 
 def backward(dout, cache):
-    """``dx = dout * (½(1 + t) + ½ x (1 - t²) c (1 + 3 a x²))``; same shape as ``x``."""
+    """``dx = dout * gelu'(x)``; same shape as ``x``.
+
+    With ``q = ½ (1 + t)``, ``t = tanh u``: ``1 - t² = 4 q (1 - q)``, so
+    ``gelu'(x) = q + ½ x (1 - t²) u'(x) = q + q (1 - q) x (2c + 6ca x²)``.
+    """
     check_cache(cache, Cache)
-    check_grad("dout", dout, cache.x.shape, cache.x.dtype)
-    x, t = cache
-    order = _memory_order(x)
-    t1 = t.reshape(-1, order=order)                              # (x.size,) flat, as in forward
-    xc = np.clip(x.reshape(-1, order=order), -_CLIP, _CLIP)      # (x.size,)
-    half_du = xc * xc                                            # (x.size,) x²
-    half_du *= 1.5 * A * C                                       #       ½ c 3a x²
-    half_du += 0.5 * C                                           #       ½ u'(x) = ½ c (1 + 3a x²)
-    slope = t1 * t1                                              # (x.size,) t²
-    np.subtract(1.0, slope, out=slope)                           #       1 - t²  (tanh' = 1 - tanh²)
-    slope *= xc                                                  #       x (1 - t²)
-    slope *= half_du                                             #       ½ x (1 - t²) u'(x)
-    slope += 0.5 * t1                                            #       + ½ t
-    slope += 0.5                                                 #       + ½  ->  gelu'(x)
-    return np.asarray(dout) * slope.reshape(x.shape, order=order)  # (...)
+    check_grad("dout", dout, cache.q.shape, cache.q.dtype)
+    order = _memory_order(cache.q)
+    xc = cache.xc.reshape(-1, order=order)                       # (x.size,) flat, as in forward
+    q = cache.q.reshape(-1, order=order)                         # (x.size,)
+    slope = xc * xc                                              # (x.size,) x²
+    slope *= 6.0 * A * C                                         #       6ca x²
+    slope += 2.0 * C                                             #       2c + 6ca x²  (= 2 u'(x))
+    slope *= xc                                                  #       x (2c + 6ca x²)
+    qq = np.subtract(1.0, q)                                     # (x.size,) 1 - q
+    qq *= q                                                      #       q (1 - q)  (= (1 - t²) / 4)
+    slope *= qq                                                  #       q (1 - q) x 2u'(x)
+    slope += q                                                   #       + q  ->  gelu'(x)
+    return np.asarray(dout) * slope.reshape(cache.q.shape, order=order)  # (...)

@@ -191,7 +191,8 @@ def backward(dy, cache):
     # y = o(merge(ctx))
     dctx, do = linear.backward(dy, cache.o)                        # (B, S, D)
     dctx = attention.split_heads(dctx, q.shape[1])                # (B, H, S, Dh)
-    dqkv = np.zeros((3,) + q.shape, dtype=q.dtype)                 # (3, B, H, S, Dh)
+    B, H, S, Dh = q.shape
+    dqkv = attention.split_qkv(np.zeros((B * S, 3 * H * Dh), dtype=q.dtype), B, S, H)  # (3, B, H, S, Dh)
     dq, dk, dv = dqkv                                              # (B, H, S, Dh) views
     for blk, p in zip(cache.blocks, cache.probs):
         Q, K = blk.queries, blk.keys
