@@ -13,7 +13,8 @@ inputs and its parameters when the call began, and finite inputs give finite
 activations (an overflow still shows as a non-finite loss, which training stops on).
 So :func:`checked_inputs` opens a region in which :func:`check_array` skips its O(n)
 finiteness scan; its O(1) checks (type, dtype, rank) stay.  Only the model's public
-entry points open it (``minivlmoe.model.forward``), after their own full checks.
+entry points open it (``minivlmoe.model.forward``, ``minivlmoe.moe.moe_layer.forward``),
+after their own full checks (:func:`check_finite_tree` on their parameters).
 """
 
 from __future__ import annotations
@@ -94,6 +95,21 @@ def checked_inputs():
         yield
     finally:
         _CHECKED_DEPTH -= 1
+
+
+def check_finite_tree(name, tree, prefix=""):
+    """Every float value of a nested dict of ndarray / csr_array leaves must be finite
+    (one scan per leaf); the error names the leaf, e.g. ``params['blocks.0.ln1.gamma']``.
+    What a public call runs on its parameters before it opens :func:`checked_inputs`."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            check_finite_tree(name, value, f"{prefix}.{key}" if prefix else str(key))
+        return tree
+    values = tree.data if isinstance(tree, sp.csr_array) else tree
+    if (isinstance(values, np.ndarray) and values.dtype.kind == "f"
+            and not np.isfinite(values).all()):
+        raise ValueError(f"{name}[{prefix!r}] must be finite, got NaN or inf value(s)")
+    return tree
 
 
 def check_array(name, x, *, ndim=None, axes=None, dtype_kind="f", finite=True):

@@ -50,16 +50,16 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-import scipy.sparse as sp
 
 from .ops import (attention, contrastive, cross_entropy, ffn, l2norm, layernorm, linear,
                   lowrank_linear, patch_embed, sparse_linear, token_embed)
 from .moe import aux_losses, moe_layer
-from ._checks import check_bool, check_cache, check_grad, check_params, checked_inputs
+from ._checks import (check_bool, check_cache, check_finite_tree, check_grad, check_params,
+                      checked_inputs)
 from . import sequence, tower
 from .model_config import check_config
 from .timing import NULL_TIMER
-from .tree import flatten, zeros_like
+from .tree import zeros_like
 
 PARAM_KEYS = ("patch", "text", "blocks", "ln_f", "img_proj", "txt_proj", "log_logit_scale",
               "lm_head")
@@ -171,20 +171,10 @@ def forward(params, cfg, images, ids, *, pad_id, keys=None, rng=None, train=Fals
         if keys.shape != (B,):
             raise ValueError(f"keys must have shape (B,) = ({B},), got {keys.shape}")
         positives = contrastive.duplicate_positives(keys)         # (B, B)
-    check_finite_params(params)
+    check_finite_tree("params", params)   # one scan per leaf: the ops inside skip theirs
     with checked_inputs():              # inputs checked in full: no scan at every op
         return _forward(params, cfg, images, ids, pad_id, positives, rng, train,
                         check_bool("all_losses", all_losses), timer)
-
-
-def check_finite_params(params):
-    """Every float parameter value must be finite (one scan per leaf, at the entry of a
-    public call: the ops inside then skip theirs, minivlmoe/_checks.py)."""
-    for path, leaf in flatten(params).items():
-        values = leaf.data if isinstance(leaf, sp.csr_array) else leaf
-        if (isinstance(values, np.ndarray) and values.dtype.kind == "f"
-                and not np.isfinite(values).all()):
-            raise ValueError(f"params[{path!r}] must be finite, got NaN or inf value(s)")
 
 
 def _forward(params, cfg, images, ids, pad_id, positives, rng, train, all_losses, timer):

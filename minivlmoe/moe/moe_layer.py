@@ -48,7 +48,8 @@ import numpy as np
 from . import aux_losses, dispatch, experts, router
 from .moe_config import MODALITIES, MoEConfig
 from .._checks import (check_array, check_bool, check_cache, check_csr, check_dtype,
-                       check_grad, check_params, check_same_dtype, shorten)
+                       check_finite_tree, check_grad, check_params, check_same_dtype,
+                       checked_inputs, shorten)
 from ..tree import zeros_like
 
 def _pool_init(rng, d, hidden, config, density, dtype):
@@ -303,6 +304,14 @@ def forward(x, params, config, modality=None, *, rng=None, train=False, all_loss
                              f"(E, D), got {w.shape}")
         check_same_dtype("x", x, f"the {name} router W", w)
 
+    check_finite_tree("params", params)
+    with checked_inputs():              # checked in full above: no rescan at every hop
+        return _forward(x, config, modality, rng, noisy, names, pools)
+
+
+def _forward(x, config, modality, rng, noisy, names, pools):
+    """:func:`forward` after its checks: ``(y, aux, cache)``."""
+    n, d = x.shape
     y = np.zeros((n, d), dtype=x.dtype)                          # (N, D) rows of idle pools stay 0
     losses = dict.fromkeys(names, 0.0)
     stats, caches = {}, []
