@@ -36,6 +36,7 @@ U        non-pad token rows, U <= N
 D        model width
 Din      input width of a linear layer
 Dout     output width of a linear layer
+Du       input columns a sparse weight uses (at least one row stores them; its compact path)
 H        attention heads
 Dh       head width, D / H
 De       retrieval embedding width (the config's embed_dim)

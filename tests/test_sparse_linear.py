@@ -210,3 +210,46 @@ def test_row_groups_detects_only_true_groups():
     W2.indices[5 * 3] = (W2.indices[5 * 3] + 1) % 50 if W2.indices[5 * 3] + 1 not in W2.indices[15:20] else W2.indices[5 * 3]
     ragged = sp.csr_array(np.triu(np.ones((4, 4))))
     assert sparse_linear.row_groups(ragged) is None
+
+
+@pytest.mark.parametrize("kind, d_in, d_out, density, group", [
+    ("dense", 64, 8, 1.0, 16),          # the full pattern: W.data is W
+    ("dense", 64, 64, 0.25, 1),         # unstructured, every column used: expanded W
+    ("compact", 64, 64, 0.05, 16),      # 4 row groups x 3 columns: 12 of 64 columns
+    ("compact", 128, 64, 0.05, 16),     # 4 groups x 6 columns: 24 of 128
+    ("dense", 64, 64, 0.25, 16),        # 4 groups x 16 columns: about 50 of 64 used
+    ("csr", 64, 512, 0.05, 16),         # 32 groups cover most columns: the grouped CSR path
+    ("csr", 64, 64, 0.05, 1),           # unstructured: the per-entry CSR path
+])
+def test_every_kernel_matches_the_naive_definition(kind, d_in, d_out, density, group):
+    """Each path of sparse_linear.kernel, chosen on purpose, against the naive loops."""
+    rng, params, x = make(11, d_in, d_out, density, (5,), group=group)
+    assert sparse_linear.kernel(params["W"])[0] == kind
+    y, cache = sparse_linear.forward(x, params)
+    np.testing.assert_allclose(y, naive_forward(x, params["W"], params["b"]), rtol=1e-12,
+                               atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    dx, grads = sparse_linear.backward(dy, cache)
+    np.testing.assert_allclose(dx, dy @ params["W"].toarray(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grads["W"].data, naive_weight_grad(x, dy, params["W"]),
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grads["b"], dy.sum(axis=0), rtol=1e-12, atol=1e-12)
+    assert grads["W"].indices is params["W"].indices                # the pattern, shared
+
+
+def test_compact_path_uses_only_the_stored_columns():
+    """On the compact path the product runs on the C used columns: the saved input is
+    (N, C) and dx is exactly 0 on every column no row stores."""
+    rng, params, x = make(3, 64, 64, 0.05, (7,), group=16)
+    kind, cols = sparse_linear.kernel(params["W"])
+    y, cache = sparse_linear.forward(x, params)
+    assert kind == "compact" and cache.saved.shape == (7, cols.size) and cols.size <= 12
+    dx, _ = sparse_linear.backward(np.ones_like(y), cache)
+    unused = np.setdiff1d(np.arange(64), cols)
+    assert unused.size and np.all(dx[:, unused] == 0.0)
+    # a feature-major input (a transposed view, as a chain of sparse layers passes) keeps
+    # the CSR kernels, and gives the same numbers
+    x_fm = np.ascontiguousarray(x.T).T                           # (7, 64), x.T C-contiguous
+    y_fm, cache_fm = sparse_linear.forward(x_fm, params)
+    assert cache_fm.cols is None
+    np.testing.assert_allclose(y_fm, y, rtol=1e-12, atol=1e-12)

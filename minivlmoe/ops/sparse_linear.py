@@ -26,6 +26,15 @@ never drift.
 
 Kernels (measured by benchmarks/sparse_linear.py; docs/ops/sparse_linear.md explains)
 ----------------------------------------------------------------------------------
+:func:`kernel` picks one of three paths from the pattern alone.
+
+* compact: when the rows together use only Du <= min(COMPACT_COLUMNS, Din / 2) input
+  columns (a row-grouped pattern at low density: G groups of Z columns), the product
+  runs on those columns only, ``y = x[:, cols] Wc^T + b`` with ``Wc`` (Dout, Du) the
+  dense restriction of ``W``; backward ``dx[:, cols] = dy Wc`` (0 on the other columns)
+  and ``dWc = dy^T x[:, cols]``, gathered at the pattern.  A BLAS product with K = Du
+  on token-major activations, no layout change (a feature-major input keeps the CSR
+  kernels below).
 * stored density >= ``DENSE_ABOVE`` (0.075): ``W`` is expanded with ``toarray()`` and
   dense BLAS does all three products on token-major activations; the weight gradient
   is the dense ``dy^T x`` gathered at the pattern.  (CSR kernels lose to BLAS above
@@ -63,6 +72,8 @@ from .._checks import (check_array, check_cache, check_csr, check_dtype, check_f
                        check_int, check_params, check_rng, check_same_dtype)
 
 DENSE_ABOVE = 0.075
+COMPACT_BELOW = 0.5   # the compact path needs at most this fraction of the columns used
+COMPACT_COLUMNS = 32  # ... and at most this many used columns (gather and scatter stay cheap)
 GATHER_BELOW = 0.02
 _TILE = 64  # tokens per tile of the blocked transpose
 _MIN_BLOCK_Z = 4  # grouped forward uses batched matmul only for blocks this wide
@@ -153,18 +164,52 @@ def check_layer(name, params):
     return W, b
 
 
+def used_columns(W):
+    """The sorted input columns that at least one row of ``W`` stores: (Du,)."""
+    return np.unique(W.indices)                                  # (Du,)
+
+
+def kernel(W):
+    """Which path the layer takes (module docstring): ``("dense", None)``,
+    ``("compact", cols)`` with the used columns (Du,), or ``("csr", None)``."""
+    d_out, d_in = W.shape
+    if W.nnz == d_out * d_in:
+        return "dense", None
+    cols = used_columns(W)                                       # (Du,)
+    if cols.size <= min(COMPACT_COLUMNS, COMPACT_BELOW * d_in):
+        return "compact", cols
+    if stored_density(W) >= DENSE_ABOVE:
+        return "dense", None
+    return "csr", None
+
+
 def dense_weight(W):
     """``W`` as a dense (Dout, Din) array when the layer takes the dense path, else None.
 
     Full pattern (canonical): ``W.data`` *is* ``W`` in row-major order, so this is a
-    view, no copy.  Stored density >= DENSE_ABOVE: the expanded ``W.toarray()``.
+    view, no copy.  Otherwise, on the dense path, the expanded ``W.toarray()``.
     """
     d_out, d_in = W.shape
     if W.nnz == d_out * d_in:
         return W.data.reshape(d_out, d_in)                       # (Dout, Din) a view
-    if stored_density(W) >= DENSE_ABOVE:
+    if kernel(W)[0] == "dense":
         return W.toarray()                                       # (Dout, Din)
     return None
+
+
+def _positions(W, cols):
+    """``(rows, pos)`` (nnz,) each: the row of every stored entry and its column's index
+    in ``cols``, so that ``Wc[rows, pos] = W.data`` is ``W`` on the used columns."""
+    rows = np.repeat(np.arange(W.shape[0]), np.diff(W.indptr))   # (nnz,)
+    return rows, np.searchsorted(cols, W.indices)                # (nnz,), (nnz,)
+
+
+def compact_weight(W, cols):
+    """``W`` restricted to its used columns ``cols`` (Du,), dense: (Dout, Du)."""
+    rows, pos = _positions(W, cols)                              # (nnz,) each
+    Wc = np.zeros((W.shape[0], cols.size), dtype=W.dtype)        # (Dout, Du)
+    Wc[rows, pos] = W.data
+    return Wc
 
 
 def pattern_values(W, dWd):
@@ -182,8 +227,11 @@ class Cache(NamedTuple):
 
     saved : the input, as ``x2`` (N, Din) on the dense path, ``xg`` (G, Z, N) gathered
         feature-major rows on the grouped path, or ``xT`` (Din, N) otherwise.
-    W : the weight (Dout, Din).   Wd : its dense copy (dense path) or None.
+        On the compact path ``xc`` (N, Du): the used columns of the input.
+    W : the weight (Dout, Din).   Wd : its dense copy (dense path), ``Wc`` (Dout, Du) on
+        the compact path, or None.
     groups : ``(r, Z)`` on the grouped path, else None.   lead : the input's leading shape.
+    cols : (Du,) the used columns on the compact path, else None.
     """
 
     saved: np.ndarray
@@ -191,6 +239,7 @@ class Cache(NamedTuple):
     Wd: np.ndarray | None
     groups: tuple | None
     lead: tuple
+    cols: np.ndarray | None = None
 
 
 def forward(x, params):
@@ -214,12 +263,21 @@ def forward(x, params):
     check_same_dtype("x", x, "params['W']", W)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_in)                                     # (N, Din)  '... i -> (...) i'
-    groups = None
-    Wd = dense_weight(W)                                         # (Dout, Din) or None
+    groups, used_cols = None, None
+    path, used = kernel(W)
+    if path == "compact" and x2.T.flags.c_contiguous:   # a feature-major input (a chain of
+        path = "csr"                                    # sparse layers): the CSR kernels
+    Wd = dense_weight(W) if path == "dense" else None            # (Dout, Din) or None
     if Wd is not None:
         y = x2 @ Wd.T                                            # (N, Dout) BLAS, any layout
         y += b                                                   # (N, Dout) in place
         saved = x2
+    elif path == "compact":
+        used_cols = used                                         # (Du,)
+        Wd = compact_weight(W, used_cols)                        # (Dout, Du)
+        saved = np.take(x2, used_cols, axis=1)                   # (N, Du) gather (3x faster than x2[:, cols])
+        y = saved @ Wd.T                                         # (N, Dout) BLAS, K = Du
+        y += b                                                   # (N, Dout) in place
     else:
         xT = feature_major(x2)                                   # (Din, N)
         groups = row_groups(W)
@@ -237,7 +295,7 @@ def forward(x, params):
             yT = W @ xT                                          # (Dout, N) CSR kernel
         yT += b[:, None]                                         # (Dout, N)
         y = yT.T                                                 # (N, Dout) view
-    cache = Cache(saved=saved, W=W, Wd=Wd, groups=groups, lead=lead)
+    cache = Cache(saved=saved, W=W, Wd=Wd, groups=groups, lead=lead, cols=used_cols)
     return y.reshape(*lead, d_out), cache                        # (..., Dout)
 
 
@@ -256,10 +314,18 @@ def backward(dy, cache):
     """
     check_cache(cache, Cache)
     check_grad("dy", dy, cache.lead + (cache.W.shape[0],), cache.W.dtype)
-    saved, W, Wd, groups, lead = cache
+    saved, W, Wd, groups, lead, cols = cache
     d_out, d_in = W.shape
     dy2 = np.asarray(dy).reshape(-1, d_out)                      # (N, Dout)
-    if Wd is not None:
+    if cols is not None:
+        xc, Wc = saved, Wd                                       # (N, Du), (Dout, Du)
+        # y = xc Wc^T + b  ->  dxc = dy Wc,  dWc = dy^T xc,  db = sum_n dy
+        dx = np.zeros((dy2.shape[0], d_in), dtype=dy2.dtype)     # (N, Din) unused columns: 0
+        dx[:, cols] = dy2 @ Wc                                   # (N, Du) scattered back
+        db = column_sum(dy2)                                     # (Dout,)
+        rows, pos = _positions(W, cols)                          # (nnz,) each
+        dW_data = (dy2.T @ xc)[rows, pos]                        # (Dout, Du) -> (nnz,) at the pattern
+    elif Wd is not None:
         x2 = saved                                               # (N, Din)
         # y = x Wd^T + b  ->  dx = dy Wd,  dWd = dy^T x,  db = sum_n dy
         dx = dy2 @ Wd                                            # (N, Din) BLAS
