@@ -17,12 +17,22 @@ Only the order of the additions differs, so results agree to rounding.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+
+
+@functools.lru_cache(maxsize=64)
+def ones(n, dtype):
+    """A read-only vector of ``n`` ones (made once per size and dtype, then reused)."""
+    v = np.ones(n, dtype=dtype)                                          # (n,)
+    v.flags.writeable = False
+    return v
 
 
 def row_sum(a):
     """``a.sum(axis=-1, keepdims=True)`` for ``a`` (..., D): (..., 1)."""
-    return (a @ np.ones(a.shape[-1], dtype=a.dtype))[..., None]          # (..., 1)
+    return (a @ ones(a.shape[-1], a.dtype))[..., None]                   # (..., 1)
 
 
 def row_mean(a):
@@ -33,4 +43,4 @@ def row_mean(a):
 def column_sum(a):
     """``a.sum(axis=all but the last)`` for ``a`` (..., D): (D,)."""
     a2 = a.reshape(-1, a.shape[-1])                                      # (N, D)
-    return np.ones(a2.shape[0], dtype=a.dtype) @ a2                      # (D,)
+    return ones(a2.shape[0], a.dtype) @ a2                               # (D,)
