@@ -138,7 +138,7 @@ class Ours:
         images, ids, keys = s.images[idx], s.ids[idx], s.keys[idx]
         losses, grads, _ = model.loss_and_grads(self.params, s.mcfg, images, ids,
                                                 pad_id=PAD_ID, keys=keys, rng=self.rng,
-                                                train=True)
+                                                train=True, all_losses=False)  # as train.py
         optim.step(self.params, grads, self.state, self.adamw)
         return losses["total"]
 
@@ -416,8 +416,8 @@ def moe_timing(token_counts, rounds):
         xt, dyt = torch.from_numpy(x), torch.from_numpy(dy)
         mod_t, one = torch.from_numpy(modality), torch.ones(())
 
-        def ours():
-            _, _, cache = moe_layer.forward(x, params, mc, modality)
+        def ours():        # the weighted aux losses only, as the peer and training compute
+            _, _, cache = moe_layer.forward(x, params, mc, modality, all_losses=False)
             moe_layer.backward(dy, cache, 1.0)
 
         def theirs():
