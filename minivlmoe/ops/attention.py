@@ -14,6 +14,12 @@ layers q, k, v, o (each weight (D, D))::
     merge heads: 'b h s e -> b s (h e)'                          # (B, S, D)
     y = ctx Wo^T + bo                                            # (B, S, D)
 
+The three input projections run as ONE product with the stacked weight ``[Wq; Wk; Wv]``
+(3D, D) when all three take sparse_linear's dense path (:func:`project_qkv`), and the head
+split is a view of its (N, 3D) output (:func:`split_qkv`).  The model computes attention
+by segments (minivlmoe/ops/segment_attention.py), which shares these projections; this
+masked form serves everything else and is the tests' oracle.
+
 Masks
 -----
 ``mask[b, s, t]`` is True when query ``s`` may attend to key ``t``.  The scores of the
