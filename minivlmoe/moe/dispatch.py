@@ -182,6 +182,21 @@ def make_plan(experts, num_experts, capacity, order):
     slot = np.where(kept, offsets[experts] + position, -1)       # (N, K)
     m = int(offsets[-1])
 
+    slot_token, slot_rank, indptr, indices, entry_src = slot_pattern(kept, slot, m)
+    return Plan(capacity=capacity, experts=experts, position=position, kept=kept, slot=slot,
+                offsets=offsets, routed=routed, load=load, slot_token=slot_token,
+                slot_rank=slot_rank, indptr=indptr, indices=indices, entry_src=entry_src)
+
+
+def slot_pattern(kept, slot, m):
+    """Who sits in each of ``m`` slots, and the CSR pattern of the (N, M) dispatch and
+    combine matrices, from ``kept`` (N, K) bool and ``slot`` (N, K) (the slot of each kept
+    assignment, a permutation of 0..M-1 over them).
+
+    Returns ``(slot_token (M,), slot_rank (M,), indptr (N+1,), indices (M,),
+    entry_src (M,))`` as the Plan fields of those names.
+    """
+    n, k = kept.shape
     # who sits in each slot: invert slot (N, K) -> (token, rank) for the M kept ones
     tokens = np.broadcast_to(np.arange(n)[:, None], (n, k))      # (N, K)
     ranks = np.broadcast_to(np.arange(k)[None, :], (n, k))       # (N, K)
@@ -200,9 +215,7 @@ def make_plan(experts, num_experts, capacity, order):
     entry_src = (tokens * k + by_slot)[sorted_kept]              # (M,) flat index into (N, K)
     indptr = np.zeros(n + 1, dtype=np.int32)                     # (N+1,)
     np.cumsum(kept.sum(axis=1), out=indptr[1:])
-    return Plan(capacity=capacity, experts=experts, position=position, kept=kept, slot=slot,
-                offsets=offsets, routed=routed, load=load, slot_token=slot_token,
-                slot_rank=slot_rank, indptr=indptr, indices=indices, entry_src=entry_src)
+    return slot_token, slot_rank, indptr, indices, entry_src
 
 
 def dispatch_matrix(plan, dtype):

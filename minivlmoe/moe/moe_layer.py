@@ -246,6 +246,19 @@ def _zero_pool_grads(params):
     return zeros_like({"router": params["router"], "experts": params["experts"]})
 
 
+def place_pool(y, idx, y_p, stats_p, name, num_experts):
+    """Put a pool's output ``y_p`` (N_p, D) into the layer's ``y`` (N, D) at its rows
+    ``idx`` (None: the pool is the whole layer, ``y_p`` is the output), and give a
+    modality pool's statistics their (2, E) usage (all its load on its own modality's
+    row).  Returns ``(y, stats_p)``."""
+    if idx is None:
+        return y_p, stats_p                                      # (N, D)
+    y[idx] = y_p                                                 # (N_p, D) scatter rows
+    usage = np.zeros((2, num_experts), dtype=np.int64)           # (2, E)
+    usage[MODALITIES.index(name)] = stats_p.load
+    return y, stats_p._replace(usage=usage)
+
+
 def forward(x, params, config, modality=None, *, rng=None, train=False, all_losses=True):
     """The MoE layer's expert mixture (no residual).
 
@@ -331,13 +344,7 @@ def _forward(x, config, modality, rng, noisy, names, pools):
                                         config.noise_std, x.dtype)  # (N_p, E)
         y_p, losses_p, stats_p, cache_p = _pool_forward(x_p, pool, config, mod_p, noise,
                                                         names)
-        if idx is None:
-            y = y_p                                              # (N, D)
-        else:
-            y[idx] = y_p                                         # (N_p, D) scatter rows
-            usage = np.zeros((2, config.num_experts), dtype=np.int64)  # (2, E)
-            usage[MODALITIES.index(name)] = stats_p.load
-            stats_p = stats_p._replace(usage=usage)
+        y, stats_p = place_pool(y, idx, y_p, stats_p, name, config.num_experts)
         for key, value in losses_p.items():
             losses[key] += value
         stats[name] = stats_p

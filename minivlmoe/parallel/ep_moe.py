@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..moe import dispatch, experts, router
+from ..moe import dispatch, experts, moe_layer, router
 from ..moe.moe_config import MODALITIES, MoEConfig
 from ..moe.moe_layer import Aux, PoolStats
 from ..tree import zeros_like
@@ -133,21 +133,8 @@ def local_plan(experts_loc, slot_loc, kept_loc, slot_expert_me, num_experts):
     mine = np.sort(slot_loc[kept_loc])                           # (m_r,) global slots, sorted
     m = mine.shape[0]
     slot = np.where(kept_loc, np.searchsorted(mine, slot_loc), -1)  # (n_r, K) local slot
-    tokens = np.broadcast_to(np.arange(n)[:, None], (n, k))      # (n_r, K)
-    ranks = np.broadcast_to(np.arange(k)[None, :], (n, k))       # (n_r, K)
-    slot_token = np.empty(m, dtype=np.int32)                     # (m_r,)
-    slot_rank = np.empty(m, dtype=np.int64)                      # (m_r,)
-    slot_token[slot[kept_loc]] = tokens[kept_loc]
-    slot_rank[slot[kept_loc]] = ranks[kept_loc]
-    # CSR pattern of Disp_me (n_r, m_r), as dispatch.make_plan builds it
-    key = np.where(kept_loc, slot, m)                            # (n_r, K)
-    by_slot = np.argsort(key, axis=1)                            # (n_r, K)
-    sorted_slot = np.take_along_axis(key, by_slot, axis=1)       # (n_r, K)
-    sorted_kept = sorted_slot < m                                # (n_r, K)
-    indices = sorted_slot[sorted_kept].astype(np.int32)          # (m_r,)
-    entry_src = (tokens * k + by_slot)[sorted_kept]              # (m_r,)
-    indptr = np.zeros(n + 1, dtype=np.int32)                     # (n_r+1,)
-    np.cumsum(kept_loc.sum(axis=1), out=indptr[1:])
+    # who sits in my slots, and the CSR pattern of Disp_me (n_r, m_r), as make_plan does
+    slot_token, slot_rank, indptr, indices, entry_src = dispatch.slot_pattern(kept_loc, slot, m)
     load = np.bincount(slot_expert_me, minlength=num_experts)    # (E,) my slots per expert
     offsets = np.concatenate([[0], np.cumsum(load)])             # (E+1,)
     return dispatch.Plan(capacity=-1, experts=experts_loc, position=np.full((n, k), -1),
@@ -307,13 +294,7 @@ def forward(x, params, config, comm, modality=None, *, rng=None, train=False):
             noise = full[start:start + x_p.shape[0]]             # (n_p, E) my rows
         y_p, losses_p, stats_p, cache_p = _pool_forward(x_p, pool, config, mod_p, noise,
                                                         comm, counts)
-        if idx is None:
-            y = y_p                                              # (n_r, D)
-        else:
-            y[idx] = y_p                                         # (n_p, D)
-            usage = np.zeros((2, config.num_experts), dtype=np.int64)  # (2, E)
-            usage[MODALITIES.index(name)] = stats_p.load
-            stats_p = stats_p._replace(usage=usage)
+        y, stats_p = moe_layer.place_pool(y, idx, y_p, stats_p, name, config.num_experts)
         for key, value in losses_p.items():
             losses[key] += value
         stats[name] = stats_p
