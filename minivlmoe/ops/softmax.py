@@ -51,14 +51,18 @@ def _check_logits(name, x, axis):
     return axis
 
 
+def _reject_nan_or_posinf(name):
+    """The one error for logits holding NaN or +inf (found on a maximum)."""
+    raise ValueError(f"{name} must be finite or -inf (masked), got NaN or +inf value(s)")
+
+
 def _shifted_exp(name, x, axis):
     """``e = exp(x - m)`` (a new array) and ``m``, the max along ``axis`` (0 for an all
     -inf slice).  Raises if ``x`` holds NaN or ``+inf``."""
     m = np.max(x, axis=axis, keepdims=True)                      # (..., 1, ...) NaN/+inf propagate
     if not np.isfinite(m).all():
         if np.isnan(m).any() or np.isposinf(m).any():
-            raise ValueError(f"{name} must be finite or -inf (masked), "
-                             "got NaN or +inf value(s)")
+            _reject_nan_or_posinf(name)
         m[np.isneginf(m)] = 0.0                                  # (..., 1, ...) all-masked -> 0
     e = np.subtract(x, m)                                        # (...) every exponent <= 0
     np.exp(e, out=e)                                             # (...) in place, exp(-inf) = 0
@@ -145,7 +149,7 @@ def _unshifted_is_safe(x):
     NaN or +inf in it are rejected here, as :func:`_shifted_exp` rejects them)."""
     top = float(np.max(x))
     if np.isnan(top) or top == np.inf:
-        raise ValueError("x must be finite or -inf (masked), got NaN or +inf value(s)")
+        _reject_nan_or_posinf("x")
     return top < EXP_LIMIT[x.dtype]
 
 

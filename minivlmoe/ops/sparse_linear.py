@@ -189,12 +189,16 @@ def dense_weight(W):
     Full pattern (canonical): ``W.data`` *is* ``W`` in row-major order, so this is a
     view, no copy.  Otherwise, on the dense path, the expanded ``W.toarray()``.
     """
+    return _expanded(W) if kernel(W)[0] == "dense" else None     # (Dout, Din) or None
+
+
+def _expanded(W):
+    """``W`` dense, for a weight :func:`kernel` already sent down the dense path: the
+    view of ``W.data`` for the full pattern, else ``W.toarray()`` (Dout, Din)."""
     d_out, d_in = W.shape
     if W.nnz == d_out * d_in:
         return W.data.reshape(d_out, d_in)                       # (Dout, Din) a view
-    if kernel(W)[0] == "dense":
-        return W.toarray()                                       # (Dout, Din)
-    return None
+    return W.toarray()                                           # (Dout, Din)
 
 
 def _positions(W, cols):
@@ -267,7 +271,7 @@ def forward(x, params):
     path, used = kernel(W)
     if path == "compact" and x2.T.flags.c_contiguous:   # a feature-major input (a chain of
         path = "csr"                                    # sparse layers): the CSR kernels
-    Wd = dense_weight(W) if path == "dense" else None            # (Dout, Din) or None
+    Wd = _expanded(W) if path == "dense" else None               # (Dout, Din) or None
     if Wd is not None:
         y = x2 @ Wd.T                                            # (N, Dout) BLAS, any layout
         y += b                                                   # (N, Dout) in place
