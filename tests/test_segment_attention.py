@@ -125,14 +125,22 @@ def test_gradients(case):
     assert_gradients(case, np.random.default_rng(0))
 
 
-def test_backward_mutates_nothing():
-    rng = np.random.default_rng(1)
-    layout = sequence.Layout(image=3, caption=2, retrieval=3)
-    valid = np.array([[1, 1, 1, 1, 0, 1, 1, 0]], dtype=bool)
+def small_forward(seed, image, caption, valid):
+    """Attention by segments of one random (1, S, 4) sequence with 2 heads, float64:
+    ``(rng, blocks, y, cache)`` for the layout [image | caption | the rest]."""
+    rng = np.random.default_rng(seed)
+    layout = sequence.Layout(image=image, caption=caption,
+                             retrieval=valid.shape[1] - image - caption)
     blocks = sequence.attention_blocks(layout, valid)
     params = attention.init(rng, 4, 2, dtype=np.float64)
-    x = rng.standard_normal((1, 8, 4))
-    y, cache = segment_attention.forward(x, params, 2, blocks)
+    y, cache = segment_attention.forward(rng.standard_normal((1, valid.shape[1], 4)),
+                                         params, 2, blocks)
+    return rng, blocks, y, cache
+
+
+def test_backward_mutates_nothing():
+    valid = np.array([[1, 1, 1, 1, 0, 1, 1, 0]], dtype=bool)
+    rng, _, y, cache = small_forward(1, 3, 2, valid)
     dy = readonly(rng.standard_normal(y.shape))
     saved = [a.copy() for a in (dy, cache.q, cache.k, cache.v, *cache.probs)]
     readonly(cache.q, cache.k, cache.v, *cache.probs)
@@ -142,12 +150,8 @@ def test_backward_mutates_nothing():
 
 
 def test_probabilities_are_zero_on_masked_keys_and_sum_to_one():
-    rng = np.random.default_rng(2)
-    layout = sequence.Layout(image=2, caption=3, retrieval=3)
     valid = np.array([[1, 1, 1, 1, 0, 1, 0, 0]], dtype=bool)
-    blocks = sequence.attention_blocks(layout, valid)
-    params = attention.init(rng, 4, 2, dtype=np.float64)
-    _, cache = segment_attention.forward(rng.standard_normal((1, 8, 4)), params, 2, blocks)
+    _, blocks, _, cache = small_forward(2, 2, 3, valid)
     for blk, p in zip(blocks, cache.probs):
         allowed = np.ones(p.shape, dtype=bool) if blk.mask is None else np.broadcast_to(
             blk.mask[:, None], p.shape)
