@@ -6,8 +6,8 @@ The ops reduce over short axes all the time: a layer norm over the D = 64 featur
 each of 2560 rows, a softmax over the 12-28 keys of each query, a bias gradient over the
 N tokens of each feature.  NumPy's ``sum(axis=-1)`` over a short contiguous axis runs
 its inner loop once per row, and ``sum(axis=0)`` makes a pass per row; the same sums as
-``a @ ones`` (or ``ones @ a``) are one BLAS matrix-vector product, 2-7x faster on these
-shapes (``benchmarks/train_step.py`` before and after; the numbers in docs/performance.md).
+``a @ ones`` (or ``ones @ a``) are one BLAS matrix-vector product, 3.6-6.1x faster on these
+shapes (``benchmarks/primitives.py`` prints them side by side).
 Only the order of the additions differs, so results agree to rounding.
 
     row_sum(a)[..., 0]  = sum_d a[..., d]           (..., 1)   keepdims, as softmax needs

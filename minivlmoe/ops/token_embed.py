@@ -20,7 +20,8 @@ Backward (derived in docs/ops/token_embed.md), for ``dx`` (B, T, D)::
 The scatter-add must *accumulate* when an id occurs more than once: ``dtok[ids] += dx``
 would keep only one of the repeated rows (fancy-index assignment is buffered).  We sort
 the rows by id and sum each run of equal ids with ``np.add.reduceat`` (one pass; the
-unbuffered ``np.add.at`` computes the same sums, about 5x slower).  The ids are
+unbuffered ``np.add.at`` computes the same sums, one row at a time: about 4x slower,
+``benchmarks/primitives.py``).  The ids are
 integers: they get no gradient.
 """
 
